@@ -1,0 +1,468 @@
+"""Gated DeltaNet as Mosaic TPU Pallas kernels: chunked forward, and a backward kernel behind jax.custom_vjp.
+
+The math is chunked.py's (read its docstring first). Per (batch, value head) the grid walks the chunks in order,
+carrying the fp32 state S [K, V] in VMEM; per chunk, with q, k L2-normalised (q scaled), gc the in-chunk cumulative
+sum of g, and doc the in-chunk count of document starts:
+
+    D[i, j]  = exp(gc_i - gc_j) for j <= i in the same document, else 0            (decay between tokens)
+    G[i]     = exp(gc_i) while no document started in the chunk up to i, else 0    (decay of the carried-in S0)
+    E[j]     = exp(gc_last - gc_j) if j is in the chunk's last document, else 0     (decay from j to the chunk end)
+    A        = strict_lower(beta_i (k_i . k_j) D[i, j]),   Tinv = (I + A)^-1
+    u        = Tinv (beta v),   w = Tinv (beta G k),   delta = u - w S0            (the delta-rule updates)
+    o        = (G q) S0 + ((q k^T) * D) delta
+    S1       = G_last S0 + (E k)^T delta
+
+Backward (reverse chunk order, dS carried in VMEM): the chunk states S0 are recomputed by the forward kernel in
+state-only mode rather than saved by the forward pass, so a training step holds no [B, HV, N, K, V] residual
+between forward and backward, only transiently inside the backward. Within a chunk everything else (norms, D, Tinv,
+u, w) is recomputed from the inputs, and the adjoints of the formulas above are taken by hand.
+
+Decisions:
+- GVA: the grid runs over value heads and the q/k index_map picks key head j // r; q and k are never repeated.
+  dq, dk come out per value head (fp32) and the wrapper sums each group of r.
+- Fused in the kernel: the fp32 L2 norm and scale of q, k (and their backward), the exp of the gates, the
+  document masks. The in-chunk cumsum of g (and the reverse cumsum of its gradient), the document-start counts and
+  the padding of T to a multiple of the chunk are tiny [B, T, HV] XLA ops in the wrapper.
+- Layout: [B, T, heads, D] is viewed as [B, T, heads * D] (free) when D is a multiple of 128, so a block is a
+  (C, D) slab of one head; otherwise (D = 64) it is transposed to [B, heads, T, D], because Mosaic blocks need their
+  last two dims divisible by (8, 128) or whole. Per-token vectors (gc, beta, doc) travel as (1, C) rows; where a
+  column is needed it is made in-kernel by a diagonal mask and a lane reduction (no 2D transposes of vectors).
+- (I + A)^-1 is unit lower triangular: inverted exactly by products (I - X)(I + X^2)(I + X^4)... of its nilpotent
+  part, first within 16 x 16 diagonal blocks, then across blocks (see _unit_lower_inverse); all MXU work, no serial
+  row loop, and the alternating sums stay short (at most 16 terms) for fp32 accuracy.
+- Dot precision: fp32 inputs use fp32 operands at Precision.HIGHEST; bf16 inputs feed the q/k/v/state products to
+  the MXU in bf16 with fp32 accumulation (the state itself stays fp32 in VMEM). The triangular inverse and its
+  adjoint are always fp32 HIGHEST.
+"""
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels_pallas.gdn.reference import document_starts
+
+HIGHEST = jax.lax.Precision.HIGHEST
+NORM_EPS = 1e-6
+INVERSE_BLOCK = 16  # diagonal block size of the triangular inverse (see _unit_lower_inverse)
+
+
+class Config(NamedTuple):  # static (hashable) parameters of one kernel call
+    chunk: int
+    group: int  # r = HV // H: value heads per key head
+    use_qk_l2norm: bool
+    scale: float
+    mxu_dtype: jnp.dtype  # operand dtype of the q/k/v/state dots: float32 (HIGHEST) or bfloat16
+    interpret: bool
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# In-kernel helpers (operate on loaded 2D values)
+
+
+def _dot(a, b, mxu_dtype, *, ta=False, tb=False):
+    """a @ b (a^T if ta, b^T if tb) with fp32 accumulation."""
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    if mxu_dtype == jnp.float32:
+        return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims, precision=HIGHEST,
+                                   preferred_element_type=jnp.float32)
+    return jax.lax.dot_general(a.astype(mxu_dtype), b.astype(mxu_dtype), dims, preferred_element_type=jnp.float32)
+
+
+_exact = functools.partial(_dot, mxu_dtype=jnp.float32)
+
+
+def _eye_mask(n):
+    return jax.lax.broadcasted_iota(jnp.int32, (n, n), 0) == jax.lax.broadcasted_iota(jnp.int32, (n, n), 1)
+
+
+def _col(row):
+    """(1, C) -> (C, 1) through the diagonal: a mask and a lane reduction instead of a vector transpose."""
+    n = row.shape[1]
+    return jnp.sum(jnp.where(_eye_mask(n), row, 0.0), axis=1, keepdims=True)
+
+
+def _row(col):
+    """(C, 1) -> (1, C), as _col."""
+    n = col.shape[0]
+    return jnp.sum(jnp.where(_eye_mask(n), col, 0.0), axis=0, keepdims=True)
+
+
+def _last(row):
+    """(1, C) -> (1, 1): the chunk's last position."""
+    n = row.shape[1]
+    return row[:, n - 1:n]
+
+
+def _masked_exp(x, keep):
+    return jnp.where(keep, jnp.exp(jnp.where(keep, x, 0.0)), 0.0)
+
+
+def _unit_lower_inverse(A):
+    """(I + A)^-1 for A (C, C) strictly lower triangular, C a power-of-two multiple of INVERSE_BLOCK.
+
+    For nilpotent X with X^(2^m) = 0, (I + X)^-1 = (I - X)(I + X^2)(I + X^4)...(I + X^(2^(m-1))), exactly.
+    Applied first to the block-diagonal part A_d (16 x 16 blocks, so X^16 = 0) giving Td = (I + A_d)^-1, then to
+    N = Td A_o (A_o the strictly block-lower rest, nilpotent in C / 16 block steps), since
+    I + A = (I + A_d)(I + N)  =>  (I + A)^-1 = (I + N)^-1 Td.
+    """
+    C = A.shape[0]
+    eye = _eye_mask(C).astype(jnp.float32)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) // INVERSE_BLOCK
+    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1) // INVERSE_BLOCK
+    A_d = jnp.where(rows == cols, A, 0.0)
+
+    def neumann_product(X, steps):  # (I - X)(I + X^2)...(I + X^(2^steps))
+        inv, power = eye - X, X
+        for _ in range(steps):
+            power = _exact(power, power)
+            inv = inv + _exact(inv, power)
+        return inv
+
+    Td = neumann_product(A_d, INVERSE_BLOCK.bit_length() - 2)  # 16 = 2^4: powers 2, 4, 8
+    N = _exact(Td, A - A_d)
+    return _exact(neumann_product(N, (C // INVERSE_BLOCK).bit_length() - 2), Td)
+
+
+class _Chunk(NamedTuple):
+    """Per-chunk quantities shared by forward and backward: (C, *) fp32 values."""
+    q: jax.Array | None  # normalised, scaled (C, K); None when not needed (state recompute)
+    k: jax.Array  # normalised (C, K)
+    q_inv: jax.Array | None  # rsqrt(sum q^2 + eps) (C, 1), for the norm's backward
+    k_inv: jax.Array
+    beta: jax.Array  # (C, 1)
+    decay: jax.Array  # D (C, C)
+    start: jax.Array  # G (C, 1)
+    end: jax.Array  # E (C, 1)
+    carry: jax.Array  # G_last (1, 1)
+    kk: jax.Array  # k k^T (C, C)
+    tinv: jax.Array  # (I + A)^-1 (C, C)
+    x: jax.Array  # beta v (C, V)
+    y: jax.Array  # beta G k (C, K)
+
+
+def _chunk_terms(q, k, v, gc_row, beta_row, doc_row, cfg):
+    """q (or None), k (C, K) and v (C, V) as stored; gc, beta, doc (1, C) rows."""
+    C = cfg.chunk
+
+    def normalise(x):  # -> (x / |x|, 1 / |x|) in fp32, or (x, None) without the L2 norm
+        x = x.astype(jnp.float32)
+        if not cfg.use_qk_l2norm:
+            return x, None
+        inv = jax.lax.rsqrt(jnp.sum(x * x, axis=1, keepdims=True) + NORM_EPS)
+        return x * inv, inv
+
+    k, k_inv = normalise(k)
+    q, q_inv = (None, None) if q is None else normalise(q)
+    q = None if q is None else q * cfg.scale
+    v = v.astype(jnp.float32)
+    gc, doc, beta = _col(gc_row), _col(doc_row), _col(beta_row)
+    causal = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) >= jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    decay = _masked_exp(gc - gc_row, causal & (doc == doc_row))
+    start = _masked_exp(gc, doc == 0.0)
+    end = _masked_exp(_last(gc_row) - gc, doc == _last(doc_row))
+    carry = _masked_exp(_last(gc_row), _last(doc_row) == 0.0)
+    kk = _dot(k, k, cfg.mxu_dtype, tb=True)
+    strict = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) > jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    tinv = _unit_lower_inverse(jnp.where(strict, beta * kk * decay, 0.0))
+    return _Chunk(q, k, q_inv, k_inv, beta, decay, start, end, carry, kk, tinv, beta * v, beta * start * k)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels. Grid (B, HV, N); the chunk axis is sequential ("arbitrary"), the state lives in a VMEM scratch.
+
+
+def _forward_kernel(*refs, cfg, emit_output):
+    """Forward over chunks. emit_output=False is the backward's recompute: it writes each chunk's incoming state
+    instead of o."""
+    if emit_output:
+        q_ref, k_ref, v_ref, gc_ref, beta_ref, doc_ref, h0_ref, o_ref, ht_ref, S_ref = refs
+    else:
+        k_ref, v_ref, gc_ref, beta_ref, doc_ref, h0_ref, states_ref, S_ref = refs
+    n = pl.program_id(2)
+
+    @pl.when(n == 0)
+    def _():
+        S_ref[...] = h0_ref[...].astype(jnp.float32)
+
+    S0 = S_ref[...]  # (K, V) fp32
+    q = q_ref[...] if emit_output else None
+    c = _chunk_terms(q, k_ref[...], v_ref[...], gc_ref[...], beta_ref[...], doc_ref[...], cfg)
+    mm = functools.partial(_dot, mxu_dtype=cfg.mxu_dtype)
+    delta = _exact(c.tinv, c.x) - _exact(_exact(c.tinv, c.y), S0)  # u - w S0, (C, V)
+    if emit_output:
+        P = _dot(c.q, c.k, cfg.mxu_dtype, tb=True) * c.decay  # (C, C)
+        o_ref[...] = (mm(c.q * c.start, S0) + mm(P, delta)).astype(o_ref.dtype)
+    else:
+        states_ref[...] = S0
+    S1 = c.carry * S0 + mm(c.k * c.end, delta, ta=True)
+    S_ref[...] = S1
+
+    if emit_output:
+        @pl.when(n == pl.num_programs(2) - 1)
+        def _():
+            ht_ref[...] = S1
+
+
+def _backward_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, doc_ref, S0_ref, do_ref, dht_ref,
+                     dq_ref, dk_ref, dv_ref, dgc_ref, dbeta_ref, dh0_ref, dS_ref, *, cfg):
+    """Reverse walk over chunks (the index maps reverse n). dS_ref carries dL/d(state after this chunk)."""
+    n = pl.program_id(2)
+    C = cfg.chunk
+
+    @pl.when(n == 0)
+    def _():
+        dS_ref[...] = dht_ref[...].astype(jnp.float32)
+
+    dS1 = dS_ref[...]  # (K, V)
+    S0 = S0_ref[...]
+    v = v_ref[...].astype(jnp.float32)
+    c = _chunk_terms(q_ref[...], k_ref[...], v, gc_ref[...], beta_ref[...], doc_ref[...], cfg)
+    mm = functools.partial(_dot, mxu_dtype=cfg.mxu_dtype)
+    w = _exact(c.tinv, c.y)
+    delta = _exact(c.tinv, c.x) - _exact(w, S0)
+    qk = _dot(c.q, c.k, cfg.mxu_dtype, tb=True)
+    P = qk * c.decay
+    do = do_ref[...].astype(jnp.float32)
+
+    # o = (G q) S0 + P delta;   S1 = G_last S0 + (E k)^T delta
+    dP = mm(do, delta, tb=True)  # (C, C)
+    ddelta = mm(P, do, ta=True) + mm(c.k * c.end, dS1)  # (C, V)
+    dq_start = mm(do, S0, tb=True)  # d(G q) (C, K)
+    dk_end = mm(delta, dS1, tb=True)  # d(E k) (C, K)
+    dcarry = jnp.sum(S0 * dS1, keepdims=True)  # (1, 1)
+    # delta = Tinv x - (Tinv y) S0
+    dw = -mm(ddelta, S0, tb=True)  # (C, K)
+    dS0 = c.carry * dS1 + mm(c.q * c.start, do, ta=True) - mm(w, ddelta, ta=True)
+    dx = _exact(c.tinv, ddelta, ta=True)
+    dy = _exact(c.tinv, dw, ta=True)
+    dtinv = _exact(ddelta, c.x, tb=True) + _exact(dw, c.y, tb=True)
+    # Tinv = (I + A)^-1  =>  dA = -Tinv^T dTinv Tinv^T, on A's strictly lower support
+    strict = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) > jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    dA = jnp.where(strict, -_exact(_exact(c.tinv, dtinv, ta=True), c.tinv, tb=True), 0.0)
+    # A = beta_i kk D (strict);  P = qk D
+    dkk = dA * c.beta * c.decay
+    dqk = dP * c.decay
+    ddecay_by_decay = (dA * c.beta * c.kk + dP * qk) * c.decay  # dD * D: d/d(gc_i - gc_j) of D's entries
+
+    dq = mm(dqk, c.k) + dq_start * c.start
+    dk = mm(dqk, c.q, ta=True) + mm(dkk, c.k) + mm(dkk, c.k, ta=True) + dk_end * c.end + dy * c.beta * c.start
+    dv = dx * c.beta
+    dbeta = (jnp.sum(dA * c.kk * c.decay, axis=1, keepdims=True) + jnp.sum(dx * v, axis=1, keepdims=True)
+             + jnp.sum(dy * c.start * c.k, axis=1, keepdims=True))  # (C, 1)
+    dstart = jnp.sum(dq_start * c.q, axis=1, keepdims=True) + jnp.sum(dy * c.beta * c.k, axis=1, keepdims=True)
+    dend = jnp.sum(dk_end * c.k, axis=1, keepdims=True)
+    # d gc: D[i, j] depends on gc_i - gc_j, G on gc_i, E on gc_last - gc_j, G_last on gc_last.
+    dgc = _row(jnp.sum(ddecay_by_decay, axis=1, keepdims=True) + dstart * c.start - dend * c.end)
+    dgc = dgc - jnp.sum(ddecay_by_decay, axis=0, keepdims=True)
+    dgc_last = jnp.sum(dend * c.end, keepdims=True) + dcarry * c.carry  # (1, 1)
+    dgc = dgc + jnp.where(jax.lax.broadcasted_iota(jnp.int32, (1, C), 1) == C - 1, dgc_last, 0.0)
+
+    # Undo the scale and L2 norm: y = x * inv  =>  dx = inv (dy - y (y . dy)).
+    dq = dq * cfg.scale
+    if cfg.use_qk_l2norm:
+        q_unit = c.q / cfg.scale
+        dq = c.q_inv * (dq - q_unit * jnp.sum(q_unit * dq, axis=1, keepdims=True))
+        dk = c.k_inv * (dk - c.k * jnp.sum(c.k * dk, axis=1, keepdims=True))
+
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+    dgc_ref[...] = dgc
+    dbeta_ref[...] = _row(dbeta)
+    dS_ref[...] = dS0
+
+    @pl.when(n == pl.num_programs(2) - 1)
+    def _():
+        dh0_ref[...] = dS0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Wrapper: layouts, padding and block specs.
+
+
+def _to_kernel_layout(x):
+    """[B, T, heads, D] -> [B, T, heads * D] (a free view) if D % 128 == 0, else [B, heads, T, D]."""
+    B, T, nh, D = x.shape
+    return x.reshape(B, T, nh * D) if D % 128 == 0 else x.transpose(0, 2, 1, 3)
+
+
+def _from_kernel_layout(x, nh, D):
+    if D % 128 == 0:
+        B, T, _ = x.shape
+        return x.reshape(B, T, nh, D)
+    return x.transpose(0, 2, 1, 3)
+
+
+def _token_spec(C, D, head, chunk):
+    """Block of one head's chunk, (C, D), of a tensor in _to_kernel_layout; head(j), chunk(n) map grid indices."""
+    if D % 128 == 0:
+        return pl.BlockSpec((None, C, D), lambda b, j, n: (b, chunk(n), head(j)))
+    return pl.BlockSpec((None, None, C, D), lambda b, j, n: (b, head(j), chunk(n), 0))
+
+
+class _Prepared(NamedTuple):
+    q: jax.Array  # kernel layout, padded
+    k: jax.Array
+    v: jax.Array
+    gc: jax.Array  # [B, HV, N, 1, C] fp32 in-chunk cumsum of g
+    beta: jax.Array  # [B, HV, N, 1, C] fp32
+    doc: jax.Array  # [B, N, 1, C] fp32 in-chunk count of document starts
+
+
+def _prepare(q, k, v, g, beta, segment_ids, C):
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    pad = -T % C
+    N = (T + pad) // C
+    # Padded tokens have k = 0, beta = 0, g = 0 and start no document: they neither write nor decay the state.
+    pad_tokens = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+    def rows(x):  # [B, T, HV] -> [B, HV, N, 1, C]
+        return pad_tokens(x.astype(jnp.float32)).reshape(B, N, C, HV).transpose(0, 3, 1, 2)[:, :, :, None, :]
+
+    starts = pad_tokens(document_starts(segment_ids, B, T)).reshape(B, N, C)
+    doc = jnp.cumsum(starts.astype(jnp.float32), axis=-1)[:, :, None, :]  # [B, N, 1, C]
+    gc = jnp.cumsum(rows(g), axis=-1)
+    return _Prepared(*(_to_kernel_layout(pad_tokens(x)) for x in (q, k, v)), gc, rows(beta), doc)
+
+
+def _specs(p, K, V, cfg, reverse):
+    """Block specs of the prepared inputs for grid (B, HV, N), walking chunks backwards if reverse."""
+    C, r = cfg.chunk, cfg.group
+    N = p.gc.shape[2]
+    chunk = (lambda n: N - 1 - n) if reverse else (lambda n: n)
+    key_head, value_head = (lambda j: j // r), (lambda j: j)
+    vec = pl.BlockSpec((None, None, None, 1, C), lambda b, j, n: (b, j, chunk(n), 0, 0))
+    return dict(
+        q=_token_spec(C, K, key_head, chunk), k=_token_spec(C, K, key_head, chunk),
+        v=_token_spec(C, V, value_head, chunk), gc=vec, beta=vec,
+        doc=pl.BlockSpec((None, None, 1, C), lambda b, j, n: (b, chunk(n), 0, 0)),
+        state=pl.BlockSpec((None, None, K, V), lambda b, j, n: (b, j, 0, 0)),
+        chunk_state=pl.BlockSpec((None, None, None, K, V), lambda b, j, n: (b, j, chunk(n), 0, 0)),
+        dqk_head=_token_spec(C, K, value_head, chunk),
+    )
+
+
+def _params(cfg):
+    return dict(
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=cfg.interpret,
+    )
+
+
+def _forward(cfg, p, h0, K, V, emit_output):
+    B, HV = h0.shape[:2]
+    N = p.gc.shape[2]
+    s = _specs(p, K, V, cfg, reverse=False)
+    state = jax.ShapeDtypeStruct((B, HV, K, V), jnp.float32)
+    kernel = functools.partial(_forward_kernel, cfg=cfg, emit_output=emit_output)
+    inputs = [p.k, p.v, p.gc, p.beta, p.doc, h0]
+    in_specs = [s["k"], s["v"], s["gc"], s["beta"], s["doc"], s["state"]]
+    if emit_output:
+        inputs, in_specs = [p.q] + inputs, [s["q"]] + in_specs
+        out_shape = (jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), state)
+        out_specs = (s["v"], s["state"])
+    else:
+        out_shape = jax.ShapeDtypeStruct((B, HV, N, K, V), jnp.float32)
+        out_specs = s["chunk_state"]
+    return pl.pallas_call(
+        kernel, grid=(B, HV, N), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)], **_params(cfg),
+    )(*inputs)
+
+
+def _backward(cfg, p, h0, states, do, dht, K, V):
+    B, HV = h0.shape[:2]
+    N = p.gc.shape[2]
+    s = _specs(p, K, V, cfg, reverse=True)
+    Tp = N * cfg.chunk
+    dqk_shape = (B, Tp, HV * K) if K % 128 == 0 else (B, HV, Tp, K)
+    vec = jax.ShapeDtypeStruct(p.gc.shape, jnp.float32)
+    out_shape = (jax.ShapeDtypeStruct(dqk_shape, jnp.float32), jax.ShapeDtypeStruct(dqk_shape, jnp.float32),
+                 jax.ShapeDtypeStruct(p.v.shape, p.v.dtype), vec, vec,
+                 jax.ShapeDtypeStruct((B, HV, K, V), jnp.float32))
+    out_specs = (s["dqk_head"], s["dqk_head"], s["v"], s["gc"], s["beta"], s["state"])
+    return pl.pallas_call(
+        functools.partial(_backward_kernel, cfg=cfg), grid=(B, HV, N),
+        in_specs=[s["q"], s["k"], s["v"], s["gc"], s["beta"], s["doc"], s["chunk_state"], s["v"], s["state"]],
+        out_specs=out_specs, out_shape=out_shape,
+        scratch_shapes=[pltpu.VMEM((K, V), jnp.float32)], **_params(cfg),
+    )(p.q, p.k, p.v, p.gc, p.beta, p.doc, states, do, dht)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _gdn(cfg, q, k, v, g, beta, h0, segment_ids):
+    return _gdn_fwd(cfg, q, k, v, g, beta, h0, segment_ids)[0]
+
+
+def _gdn_fwd(cfg, q, k, v, g, beta, h0, segment_ids):
+    T, K, (HV, V) = q.shape[1], q.shape[3], v.shape[2:]
+    p = _prepare(q, k, v, g, beta, segment_ids, cfg.chunk)
+    o, ht = _forward(cfg, p, h0, K, V, emit_output=True)
+    o = _from_kernel_layout(o, HV, V)[:, :T]
+    return (o, ht), (q, k, v, g, beta, h0, segment_ids)
+
+
+def _gdn_bwd(cfg, residuals, cotangents):
+    q, k, v, g, beta, h0, segment_ids = residuals
+    do, dht = cotangents
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    C = cfg.chunk
+    p = _prepare(q, k, v, g, beta, segment_ids, C)
+    states = _forward(cfg, p, h0, K, V, emit_output=False)  # [B, HV, N, K, V]: the state entering each chunk
+    do = _to_kernel_layout(jnp.pad(do.astype(v.dtype), ((0, 0), (0, -T % C), (0, 0), (0, 0))))
+    dq, dk, dv, dgc, dbeta, dh0 = _backward(cfg, p, h0, states, do, dht.astype(jnp.float32), K, V)
+
+    def per_key_head(x):  # kernel layout per value head -> [B, T, H, K], summing each group of r value heads
+        x = _from_kernel_layout(x, HV, K)[:, :T]  # [B, T, HV, K]
+        return x.reshape(B, T, H, cfg.group, K).sum(axis=3)
+
+    def per_token(x):  # [B, HV, N, 1, C] -> [B, T, HV]
+        return x[:, :, :, 0, :].reshape(B, HV, -1).transpose(0, 2, 1)[:, :T]
+
+    # gc = in-chunk cumsum of g  =>  dg = in-chunk reverse cumsum of dgc
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), axis=-1), -1)
+    return (per_key_head(dq).astype(q.dtype), per_key_head(dk).astype(k.dtype),
+            _from_kernel_layout(dv, HV, V)[:, :T], per_token(dg).astype(g.dtype),
+            per_token(dbeta).astype(beta.dtype), dh0.astype(h0.dtype), None)
+
+
+_gdn.defvjp(_gdn_fwd, _gdn_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public interface (see kernels_pallas/gdn/dispatch.py)
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+SUPPORTED_CHUNKS = (64,)
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def supports(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
+             chunk_size=64):
+    """True for the calls the tests cover: head dims 64/128/256, chunk 64, fp32 or bf16 q/k/v of one dtype."""
+    del g, beta, initial_state, segment_ids, use_qk_l2norm, scale
+    return (q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] in SUPPORTED_HEAD_DIMS
+            and chunk_size in SUPPORTED_CHUNKS
+            and q.dtype == k.dtype == v.dtype and any(q.dtype == d for d in SUPPORTED_DTYPES))
+
+
+def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
+                     chunk_size=64, interpret=None):
+    """The dispatch's gated_delta_rule on Mosaic TPU. interpret: run the kernels in the Pallas interpreter;
+    default True off TPU (CPU tests). Pass False to lower for TPU from a CPU host (AOT compilation)."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    cfg = Config(chunk=chunk_size, group=HV // H, use_qk_l2norm=use_qk_l2norm,
+                 scale=float(K**-0.5 if scale is None else scale),
+                 mxu_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret)
+    h0 = jnp.zeros((B, HV, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
+    if segment_ids is None:
+        segment_ids = jnp.zeros((B, T), jnp.int32)
+    return _gdn(cfg, q, k, v, g, beta, h0, segment_ids)
