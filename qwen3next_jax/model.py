@@ -1,0 +1,91 @@
+"""Qwen3NextForCausalLM: embedding, the scanned decoder stack, final norm, LM head and the MTP module.
+
+The parameter tree mirrors the Hugging Face checkpoint (`model.embed_tokens`, `model.layers`, `model.norm`,
+`lm_head`, `mtp`), so the name mapping in `hf_io` is a table of small differences, not a translation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen3next_jax.config import Qwen3NextConfig
+from qwen3next_jax.decoder import DecoderStack
+from qwen3next_jax.layers import Embed, Linear
+from qwen3next_jax.mtp import MultiTokenPrediction
+from qwen3next_jax.norms import RMSNorm
+from qwen3next_jax.rope import rope_tables
+
+
+def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where the segment id changes. [B, T] -> [B, T]."""
+    T = segment_ids.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids.shape)
+    is_start = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                                segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+    return idx - start
+
+
+class Qwen3NextModel(nnx.Module):
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str, **layer_kw):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                                  std=cfg.initializer_range)
+        self.layers = DecoderStack(cfg, rngs=rngs, remat=remat, dtype=dtype, param_dtype=param_dtype, **layer_kw)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+
+
+class Qwen3NextForCausalLM(nnx.Module):
+    """Qwen3-Next with its LM head and multi-token prediction.
+
+    dtype is the compute dtype, param_dtype the storage dtype of the weights. gdn_impl picks the Gated DeltaNet
+    implementation (see kernels_pallas.gdn); attention_impl is passed to jax.nn.dot_product_attention; remat is
+    one of decoder.REMAT_POLICIES. segment_ids (int, 0 = padding) mark packed documents; positions default to
+    0.. within each document.
+    """
+
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 gdn_impl: str = "auto", attention_impl: str | None = None, remat: str = "none"):
+        self.config = cfg
+        self.dtype = dtype
+        layer_kw = dict(gdn_impl=gdn_impl, attention_impl=attention_impl)
+        self.model = Qwen3NextModel(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat, **layer_kw)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+            std=cfg.initializer_range)
+        self.mtp = None if cfg.mtp_num_hidden_layers == 0 else MultiTokenPrediction(
+            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **layer_kw)
+
+    def _context(self, input_ids, segment_ids, positions):
+        if positions is None:
+            positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                         else jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape))
+        token_mask = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
+        return rope_tables(self.config, positions, self.dtype), token_mask
+
+    def hidden_states(self, input_ids, segment_ids=None, positions=None) -> tuple[jax.Array, jax.Array]:
+        """input_ids [B, T] -> (final hidden state after model.norm [B, T, D], load-balancing loss summed over layers)."""
+        rope, token_mask = self._context(input_ids, segment_ids, positions)
+        x = self.model.embed_tokens(input_ids)
+        x, aux = self.model.layers(x, rope, segment_ids, token_mask)
+        return self.model.norm(x), aux
+
+    def lm_head_weight(self) -> jax.Array:
+        """[D, V] in the compute dtype: the LM head, or the embedding transposed when they are tied."""
+        w = self.model.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return w.astype(self.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return jnp.dot(hidden.astype(self.dtype), self.lm_head_weight())
+
+    def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
+        """input_ids [B, T] -> logits [B, T, V]."""
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions)[0])
+
+    def mtp_hidden_states(self, hidden, input_ids, segment_ids=None, positions=None):
+        """[(hidden_d, aux_d) for each MTP depth d]; position t of depth d predicts x_{t+1+d}."""
+        if self.mtp is None:
+            return []
+        rope, token_mask = self._context(input_ids, segment_ids, positions)
+        return self.mtp(hidden, self.model.embed_tokens, input_ids, rope, segment_ids, token_mask)
