@@ -1,0 +1,1 @@
+"""Pallas kernels and their pure-JAX references, one package per op."""
