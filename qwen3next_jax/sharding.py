@@ -1,0 +1,98 @@
+"""Logical axis names to mesh axes: one rules table, and a model created already sharded.
+
+Every parameter carries logical axis names (`logical_axes` metadata, see layers.param). The mesh has the named axes
+MESH_AXES; RULES maps each logical name to a mesh axis (or None: replicated). Parameters stacked over the scanned
+layer repeats get a leading "layers" axis. A dimension that its mesh axis does not divide stays replicated, so any
+mesh shape is legal; the rules decide only what is worth splitting.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
+
+RULES: dict[str, str | tuple[str, ...] | None] = {
+    # parameters
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
+    "gdn_heads": "tensor",
+    "gdn_value_heads": None,
+    "conv": None,
+    "mlp": "tensor",
+    "experts": "expert",
+    "expert_mlp": "tensor",
+    "mtp_concat": "fsdp",
+    "norm": None,
+    # activations
+    "batch": ("data", "fsdp", "expert"),
+    "seq": "context",
+}
+
+
+def make_mesh(devices=None, **axis_sizes: int) -> Mesh:
+    """A mesh over MESH_AXES; unnamed axes have size 1 and one axis may be -1 (all remaining devices)."""
+    unknown = set(axis_sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    sizes = [axis_sizes.get(a, 1) for a in MESH_AXES]
+    if sizes.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = int(np.prod([s for s in sizes if s != -1]))
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = devices.size // known
+    if int(np.prod(sizes)) != devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
+                         f"have {devices.size}")
+    return Mesh(devices.reshape(sizes), MESH_AXES)
+
+
+def logical_to_spec(axes, shape, mesh: Mesh, rules=RULES) -> P:
+    """PartitionSpec for an array of `shape` whose dimensions have logical names `axes`."""
+    spec, used = [], set()
+    for name, size in zip(axes, shape):
+        mesh_axes = rules.get(name) if name is not None else None
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        n = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if not mesh_axes or size % n:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def _variable_axes(variable: nnx.Variable) -> tuple:
+    axes = tuple(variable.get_metadata().get("logical_axes", ()))
+    extra = len(variable.get_value().shape) - len(axes)
+    return ("layers",) * extra + axes  # stacked over the scanned repeats
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=RULES) -> nnx.State:
+    """The same tree as `state`, each variable's value replaced by its NamedSharding."""
+    def one(v):
+        return v.replace(NamedSharding(mesh, logical_to_spec(_variable_axes(v), v.get_value().shape, mesh, rules)))
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_sharded(make_model, mesh: Mesh, rules=RULES):
+    """Build `make_model()` with every parameter created directly in its shard (never whole on one host)."""
+    abstract = nnx.eval_shape(make_model)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = state_shardings(abstract_state, mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=shardings)
+    def init():
+        return nnx.state(make_model())
+
+    return nnx.merge(graphdef, init())
