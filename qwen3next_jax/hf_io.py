@@ -292,17 +292,12 @@ def hf_config_dict(cfg: Qwen3NextConfig, dtype=None, layout: str = "5") -> dict:
 
 # ====================================================================================================== import
 
-def _sharding_for(mesh, path: tuple, var, shape) -> jax.sharding.Sharding:
-    """The leaf's sharding on `mesh`: qwen3next_jax.sharding's rules when that module provides them, else replicated."""
-    try:
-        from qwen3next_jax import sharding as shd  # the lead's helper, when it exists
-    except ImportError:
-        shd = None
-    for fn_name in ("param_sharding", "sharding_for_param", "leaf_sharding"):
-        fn = getattr(shd, fn_name, None) if shd is not None else None
-        if fn is not None:
-            return fn(mesh, path, var, shape)
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+def _leaf_shardings(state: nnx.State, mesh) -> dict[tuple, jax.sharding.Sharding]:
+    """path -> NamedSharding of every leaf, from qwen3next_jax.sharding's logical-axis rules."""
+    from qwen3next_jax.sharding import state_shardings
+    shardings = state_shardings(state, mesh)
+    return {path: (v.get_value() if hasattr(v, "get_value") else v.value)
+            for path, v in nnx.to_flat_state(shardings)}
 
 
 def _place(host: np.ndarray, sharding) -> jax.Array:
@@ -410,7 +405,7 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.M
 
     dtype: None keeps each tensor's checkpoint dtype (bit for bit); otherwise every parameter is cast to it. The
     compute dtype (`dtype=` of the model) defaults to the parameter dtype; pass `compute_dtype=` to change it.
-    mesh: place each leaf with its NamedSharding (qwen3next_jax.sharding rules; replicated without them).
+    mesh: place each leaf with its NamedSharding (qwen3next_jax.sharding's logical-axis rules).
     model_kwargs go to Qwen3NextForCausalLM (gdn_impl, attention_impl, remat).
     Raises CheckpointMismatchError listing all missing / unexpected / mis-shaped tensors.
     """
@@ -427,16 +422,14 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.M
         specs = leaf_specs(model)
         check_checkpoint(reader, specs, path)
         state = nnx.state(model)
-        flat = dict(nnx.to_flat_state(state))
+        shardings = _leaf_shardings(state, mesh) if mesh is not None else {}
         values = {}
         it = specs
         if progress:
             from tqdm import tqdm
             it = tqdm(specs, desc=f"loading {os.path.basename(path.rstrip('/'))}", unit="leaf")
         for spec in it:
-            var = flat[spec.path]
-            sharding = _sharding_for(mesh, spec.path, var, spec.shape) if mesh is not None else None
-            values[spec.path] = _load_leaf(reader, spec, cast, sharding)
+            values[spec.path] = _load_leaf(reader, spec, cast, shardings.get(spec.path))
     finally:
         reader.close()
     pure = nnx.to_pure_dict(state)
