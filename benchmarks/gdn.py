@@ -1,0 +1,98 @@
+"""Gated DeltaNet op benchmark on one GPU: correctness spot check, then forward and forward+backward timings.
+
+Usage (on a Hopper GPU):  python3 benchmarks/gdn.py [--small] [--impls pallas_gpu,xla] [--out DIR]
+Shapes are the ANCHORS ones (16 key heads, 32 value heads, dk = dv = 128, bf16): B x T = 8x4096, 2x16384, 1x65536.
+Timing: median over 5 repetitions of the mean wall time of 20 back-to-back calls after a warm-up, synchronised at the
+end (the same method as shared/anchors/gpu_anchors.py's jax_bench, so figures are comparable side by side).
+Writes <out>/gdn_bench.json.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+
+H, HV, DK, DV = 16, 32, 128, 128
+
+
+def inputs(B, T, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = jax.random.normal(ks[0], (B, T, H, DK), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, DK), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, HV, DV), jnp.bfloat16)
+    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, HV)) + 3.0)
+    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, HV)))
+    do = jax.random.normal(ks[5], (B, T, HV, DV), jnp.bfloat16)
+    return q, k, v, g, beta, do
+
+
+def bench(fn, *args, n=20, reps=5):
+    jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        ts.append((time.perf_counter() - t0) / n * 1e3)
+    return statistics.median(ts)
+
+
+def get_impl(name):
+    if name == "pallas_gpu":
+        from kernels_pallas.gdn import pallas_gpu
+        return lambda q, k, v, g, beta: pallas_gpu.gated_delta_rule(q, k, v, g, beta)[0]
+    if name == "pallas_gpu_fwdonly_state":
+        from kernels_pallas.gdn import pallas_gpu
+        return lambda q, k, v, g, beta: pallas_gpu.gated_delta_rule(q, k, v, g, beta)
+    raise ValueError(name)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--impls", default="pallas_gpu")
+    ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    a = ap.parse_args()
+    shapes = [(1, 256)] if a.small else [(8, 4096), (2, 16384), (1, 65536)]
+    res = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
+           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    for name in a.impls.split(","):
+        f = get_impl(name)
+        fwd = jax.jit(f)
+
+        @jax.jit
+        def fwdbwd(q, k, v, g, beta, do):
+            _, vjp = jax.vjp(f, q, k, v, g, beta)
+            return vjp(do)
+
+        for B, T in shapes:
+            q, k, v, g, beta, do = inputs(B, T)
+            t0 = time.time()
+            jax.block_until_ready(fwd(q, k, v, g, beta))
+            comp = time.time() - t0
+            ms_f = bench(fwd, q, k, v, g, beta)
+            rec = {"fwd_ms": ms_f, "compile_fwd_s": comp}
+            if not a.fwd_only:
+                try:
+                    ms_fb = bench(fwdbwd, q, k, v, g, beta, do)
+                    rec.update(fwdbwd_ms=ms_fb, Mtok_s_fwdbwd=B * T / ms_fb / 1e3)
+                except Exception as e:  # keep the forward figures
+                    rec["fwdbwd_error"] = repr(e)[:400]
+            res[f"{name}_B{B}_T{T}"] = rec
+            print(f"{name} B={B} T={T}: " + ", ".join(f"{k_}={v_:.3f}" if isinstance(v_, float) else f"{k_}={v_}"
+                                                       for k_, v_ in rec.items()), flush=True)
+            with open(os.path.join(a.out, "gdn_bench.json"), "w") as fh:
+                json.dump(res, fh, indent=1)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""Mosaic GPU (Hopper) Pallas kernels for the chunked gated delta rule.
+
+Layout of the computation (chunk C = 64 tokens, per batch b and value head hv):
+
+* XLA prep (elementwise, cheap): chunk-local cumulative log2-decay ``G``, ``beta`` in head-major ``[B, HV, Tp]``,
+  segment-run vectors (``run``: run id; ``cin``: the token belongs to the run the chunk's incoming state belongs to;
+  ``tail``: the token belongs to the chunk's last run, so it writes the outgoing state) and the per-chunk state decay
+  ``gam = 2^G_last * cin_last``.
+* ``_prep`` kernel, one CTA per (b, hv, chunk), fully parallel: L2 norm of q and k (fused), ``A = beta_i k_i.k_j
+  2^(G_i - G_j)`` (strict lower, same run), the UT inverse ``M = (I + A)^-1`` by repeated squaring on the tensor
+  cores (``(I-A)(I+A^2)(I+A^4)...(I+A^32)``, each factor accumulated in fp32 from bf16 operands), the WY factors
+  ``w = M (beta 2^G cin k)``, ``u = M (beta v)``, the masked intra-chunk scores ``P = (q k^T) 2^(G_i - G_j)``,
+  ``qd = q 2^G cin`` and ``kd = k 2^(G_last - G) tail``; all stored bf16, head-major.
+* ``_state`` kernel, one CTA per (b, hv, 64 value columns), sequential over chunks with the state ``S [K, 64]``
+  (fp32) in registers and a double-buffered TMA pipeline: ``v_new = u - w S``, ``o = qd S + P v_new``,
+  ``S <- gam S + kd^T v_new``. Writes o in the user layout ``[B, T, HV, V]`` and the final state.
+
+Backward (``jax.custom_vjp``): see ``_bwd``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas as pl
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+C = 64
+LOG2E = math.log2(math.e)
+F32 = jnp.float32
+BF16 = jnp.bfloat16
+EPS = 1e-6
+
+WGMMA = plgpu.Layout.WGMMA
+ROWS = plgpu.Layout.WGMMA.reduce(1)
+COLS = plgpu.Layout.WGMMA.reduce(0)
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+_INTERPRET = None  # tests on CPU may set plgpu.InterpretGPUParams()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# small helpers
+
+def _smem(shape, dtype):
+    """SMEM tile swizzled for TMA and WGMMA (minor dim = last dim)."""
+    dtype = jnp.dtype(dtype)
+    sw = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, sw // dtype.itemsize)),
+                                                plgpu.SwizzleTransform(sw)))
+
+
+def _iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+
+def _rows(vec, shape):
+    return lax.broadcast_in_dim(vec, shape, [0])
+
+
+def _cols(vec, shape):
+    return lax.broadcast_in_dim(vec, shape, [1])
+
+
+def _mm(pairs, shape, init=None):
+    """``init + sum(a @ b)`` on the tensor cores; waited, then passed through an optimization barrier so no
+    arithmetic on the result is scheduled before the wgmma wait."""
+    if _INTERPRET is not None:  # the GPU interpreter lacks run_state(ACC.init) and register A operands
+        if any(not hasattr(a, "shape") or isinstance(a, jax.Array) or not hasattr(a, "at") for a, _ in pairs):
+            out = sum(jnp.dot(a.astype(F32), b[...].astype(F32)) for a, b in pairs)
+        else:
+            out = _mm_scoped(pairs, shape)
+        return out if init is None else init + out
+    if init is None:
+        def scoped(acc):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+            return acc[...]
+        out = pl.run_scoped(scoped, plgpu.ACC(shape, F32))
+    else:
+        def body(acc):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+        out = pl.run_state(body)(plgpu.ACC.init(init))
+    return lax.optimization_barrier(out)
+
+
+def _mm_scoped(pairs, shape):
+    def scoped(acc):
+        for a, b in pairs:
+            plgpu.wgmma(acc, a, b)
+        return acc[...]
+    return pl.run_scoped(scoped, plgpu.ACC(shape, F32))
+
+
+def _kernel(body, *, name, out_type, scratch, grid, grid_names):
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=_INTERPRET,
+                        kernel_name=name)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# prep kernel: per chunk, fully parallel
+
+def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
+    B, Tp, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    r = HV // H
+    NC = Tp // C
+    dt = q.dtype
+
+    def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
+             w_ref, u_ref, a_ref, qd_ref, kd_ref,
+             q_s, k_s, v_s, bk_s, w_o, u_o, p_s, a_o, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, bar, bar2):
+        b = lax.axis_index("b")
+        hv = lax.axis_index("h")
+        c = lax.axis_index("c")
+        h = lax.div(hv, r)
+        rows = pl.ds(c * C, C)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s, bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar)
+        for src, dst in ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)):
+            plgpu.copy_gmem_to_smem(src.at[b, hv, rows], dst, bar)
+        for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)):
+            plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
+        plgpu.barrier_wait(bar)
+
+        qf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        kf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        if l2norm:
+            qf = qf * _rows(lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS) * scale, (C, K))
+            kf = kf * _rows(lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS), (C, K))
+        else:
+            qf = qf * scale
+        q_s[...] = qf.astype(dt)
+        k_s[...] = kf.astype(dt)
+        plgpu.commit_smem()
+        kk = _mm([(k_s, k_s.T)], (C, C))
+        qk = _mm([(q_s, k_s.T)], (C, C))
+
+        gi = plgpu.load(g_r, (), layout=ROWS)
+        gj = plgpu.load(g_c, (), layout=COLS)
+        bi = plgpu.load(b_r, (), layout=ROWS)
+        ri = plgpu.load(run_r, (), layout=ROWS)
+        rj = plgpu.load(run_c, (), layout=COLS)
+        ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+        same = _rows(ri, (C, C)) == _cols(rj, (C, C))
+        diff = _rows(gi, (C, C)) - _cols(gj, (C, C))
+        strict = (ii > jj) & same
+        incl = (ii >= jj) & same
+        # attention-like intra-chunk scores (decay on the causal part of the run)
+        att = qk * jnp.exp2(jnp.where(incl, diff, -jnp.inf))
+        a_o[...] = att.astype(dt)
+        # N = -A, built with the sign inside the multiplier
+        nmul = _rows(-bi, (C, C)) * jnp.exp2(jnp.where(strict, diff, -jnp.inf))
+        n = kk * nmul
+        x = n + jnp.where(ii == jj, 1.0, 0.0).astype(F32)
+        p_s[...] = n.astype(dt)
+        plgpu.commit_smem()
+        pm = n
+        for _ in range(5):
+            pm = _mm([(pm.astype(dt), p_s)], (C, C))          # N^(2^(s+1))
+            p_s[...] = pm.astype(dt)
+            plgpu.commit_smem()
+            x = _mm([(x.astype(dt), p_s)], (C, C), init=x)    # X (I + N^(2^(s+1)))
+        m16 = x.astype(dt)
+
+        ci = plgpu.load(cin_r, (), layout=ROWS)
+        ti = plgpu.load(tail_r, (), layout=ROWS)
+        gam_i = jnp.exp2(gi)
+        bk_s[...] = (kf * _rows(bi * gam_i * ci, (C, K))).astype(dt)
+        vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
+        v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
+        plgpu.commit_smem()
+        w = _mm([(m16, bk_s)], (C, K))
+        u = _mm([(m16, v_s)], (C, V))
+        w_o[...] = w.astype(dt)
+        u_o[...] = u.astype(dt)
+        g_last = g_x[C - 1]
+        q_s[...] = (qf * _rows(gam_i * ci, (C, K))).astype(dt)
+        k_s[...] = (kf * _rows(jnp.exp2(g_last - gi) * ti, (C, K))).astype(dt)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(w_o, w_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(u_o, u_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(a_o, a_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(q_s, qd_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(k_s, kd_ref.at[b, hv, rows])
+        plgpu.wait_smem_to_gmem(0)
+
+    vec = plgpu.SMEM((C,), F32)
+    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, K), dt), _smem((C, K), dt),
+               _smem((C, V), dt), _smem((C, C), dt), _smem((C, C), dt),
+               vec, vec, vec, vec, vec, vec, vec, vec,
+               plgpu.Barrier(num_arrivals=11), plgpu.Barrier()]
+    out_type = [jax.ShapeDtypeStruct((B, HV, Tp, K), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt),
+                jax.ShapeDtypeStruct((B, HV, Tp, C), dt), jax.ShapeDtypeStruct((B, HV, Tp, K), dt),
+                jax.ShapeDtypeStruct((B, HV, Tp, K), dt)]
+    f = _kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
+                grid_names=("b", "h", "c"))
+    return f(q, k, v, gc, beta, run, cin, tail)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# state kernel: sequential over chunks
+
+def _state(w, u, att, qd, kd, gam, h0, *, T, out_dtype, bv=64):
+    B, HV, Tp, K = w.shape
+    V = u.shape[-1]
+    NC = Tp // C
+    NCp = gam.shape[-1]
+    NV = V // bv
+    dt = w.dtype
+    ST = 2  # pipeline stages
+
+    def body(w_ref, u_ref, a_ref, qd_ref, kd_ref, gam_ref, h0_ref, o_ref, ht_ref,
+             w_s, u_s, a_s, qd_s, kd_s, s_s, vn_s, o_s, st_s, gam_s, in_bar, bar):
+        b = lax.axis_index("b")
+        hv = lax.axis_index("h")
+        iv = lax.axis_index("v")
+        cols = pl.ds(iv * bv, bv)
+
+        def issue(n, slot):
+            rows = pl.ds(n * C, C)
+            bb = in_bar.at[slot]
+            plgpu.copy_gmem_to_smem(w_ref.at[b, hv, rows], w_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(u_ref.at[b, hv, rows, cols], u_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(a_ref.at[b, hv, rows], a_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(qd_ref.at[b, hv, rows], qd_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(kd_ref.at[b, hv, rows], kd_s.at[slot], bb)
+
+        issue(0, 0)
+        plgpu.copy_gmem_to_smem(gam_ref.at[b, hv], gam_s, bar)
+        plgpu.copy_gmem_to_smem(h0_ref.at[b, hv, :, cols], st_s, bar)
+        plgpu.barrier_wait(bar)
+        s0 = plgpu.load(st_s, (), layout=WGMMA)
+
+        def step(n, s):
+            slot = lax.rem(n, ST)
+
+            @pl.when(n + 1 < NC)
+            def _():
+                issue(n + 1, lax.rem(n + 1, ST))
+
+            plgpu.barrier_wait(in_bar.at[slot])
+            s_s[...] = s.astype(dt)
+            plgpu.commit_smem()
+            ws = _mm([(w_s.at[slot], s_s)], (C, bv))
+            uf = plgpu.load(u_s.at[slot], (), layout=WGMMA).astype(F32)
+            vn_s[...] = (uf - ws).astype(dt)
+            plgpu.commit_smem()
+            o = _mm([(qd_s.at[slot], s_s), (a_s.at[slot], vn_s)], (C, bv))
+            s = _mm([(kd_s.at[slot].T, vn_s)], (K, bv), init=s * gam_s[n])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            o_s[...] = o.astype(out_dtype)
+            plgpu.commit_smem()
+
+            @pl.when(n * C < T)
+            def _():
+                plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), hv, cols])
+            return s
+
+        s = lax.fori_loop(0, NC, step, s0)
+        st_s[...] = s
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_s, ht_ref.at[b, hv, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [_smem((ST, C, K), dt), _smem((ST, C, bv), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
+               _smem((ST, C, K), dt), _smem((K, bv), dt), _smem((C, bv), dt), _smem((C, bv), out_dtype),
+               plgpu.SMEM((K, bv), F32), plgpu.SMEM((NCp,), F32),
+               plgpu.Barrier(num_arrivals=5, num_barriers=ST), plgpu.Barrier(num_arrivals=2)]
+    # o is padded to a multiple of C in time by the caller
+    out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), out_dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
+    f = _kernel(body, name="gdn_state", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
+                grid_names=("b", "h", "v"))
+    return f(w, u, att, qd, kd, gam, h0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# XLA glue
+
+def _runs(segment_ids, B, T):
+    if segment_ids is None:
+        return jnp.zeros((B, T), jnp.int32)
+    s = segment_ids
+    change = jnp.concatenate([jnp.zeros((B, 1), bool), s[:, 1:] != s[:, :-1]], axis=1)
+    return jnp.cumsum(change.astype(jnp.int32), axis=1)
+
+
+def _gate_prep(g, beta, segment_ids, B, T, HV, pad):
+    """Head-major fp32 gate vectors: gc (chunk-local cumsum of g in log2 units), beta, run/cin/tail, gam."""
+    Tp = T + pad
+    NC = Tp // C
+    gf = jnp.pad(g.astype(F32), ((0, 0), (0, pad), (0, 0)))
+    bf = jnp.pad(beta.astype(F32), ((0, 0), (0, pad), (0, 0)))
+    gc = jnp.cumsum(gf.reshape(B, NC, C, HV), axis=2) * LOG2E           # [B, NC, C, HV]
+    runs = jnp.pad(_runs(segment_ids, B, T), ((0, 0), (0, pad)), mode="edge").reshape(B, NC, C)
+    entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)   # run of the incoming state
+    cin = (runs == entering).astype(F32)                                  # [B, NC, C]
+    tail = (runs == runs[:, :, -1:]).astype(F32)
+    gam = jnp.exp2(gc[:, :, -1, :]) * cin[:, :, -1:]                      # [B, NC, HV]
+    gc_h = gc.reshape(B, Tp, HV).transpose(0, 2, 1)
+    b_h = bf.transpose(0, 2, 1)
+    gam = jnp.pad(gam.transpose(0, 2, 1), ((0, 0), (0, 0), (0, (-NC) % 4)))   # 16-byte TMA strides
+    return gc_h, b_h, runs.reshape(B, Tp).astype(F32), cin.reshape(B, Tp), tail.reshape(B, Tp), gam
+
+
+def _forward(q, k, v, g, beta, initial_state, segment_ids, use_qk_l2norm, scale):
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    pad = (-T) % C
+    padt = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
+    gc, bt, run, cin, tail, gam = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
+    w, u, att, qd, kd = _prep(padt(q), padt(k), padt(v), gc, bt, run, cin, tail, scale=scale, l2norm=use_qk_l2norm)
+    h0 = jnp.zeros((B, HV, K, V), F32) if initial_state is None else initial_state.astype(F32)
+    o, ht = _state(w, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype)
+    return o[:, :T], ht
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pure-JAX chunked form (differentiable), used for the backward pass
+
+def _l2n(x):
+    return x * lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + EPS)
+
+
+def _chunked_jax(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
+    """Chunked gated delta rule in fp32 XLA with segment resets; same math as the kernels."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    r = HV // H
+    pad = (-T) % C
+    Tp = T + pad
+    NC = Tp // C
+    hp = lax.Precision.HIGHEST
+    qf, kf = q.astype(F32), k.astype(F32)
+    if use_qk_l2norm:
+        qf, kf = _l2n(qf), _l2n(kf)
+    qf = qf * scale
+    qf, kf = jnp.repeat(qf, r, axis=2), jnp.repeat(kf, r, axis=2)
+    vf = v.astype(F32)
+    padt = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+    qf, kf, vf, gf, bf = [padt(x) for x in (qf, kf, vf, g.astype(F32), beta.astype(F32))]
+    ch = lambda x: x.reshape(B, NC, C, HV, -1).transpose(0, 3, 1, 2, 4)     # [B, HV, NC, C, D]
+    qc, kc, vc = ch(qf), ch(kf), ch(vf)
+    gc = jnp.cumsum(gf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2), -1)      # [B, HV, NC, C]
+    bc = bf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2)
+    runs = jnp.pad(_runs(segment_ids, B, T), ((0, 0), (0, pad)), mode="edge").reshape(B, NC, C)
+    entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)
+    cin = (runs == entering).astype(F32)[:, None]
+    tail = (runs == runs[:, :, -1:]).astype(F32)[:, None]
+    same = (runs[..., :, None] == runs[..., None, :])[:, None]
+    ii = jnp.arange(C)[:, None]
+    jj = jnp.arange(C)[None, :]
+    strict = (ii > jj) & same
+    incl = (ii >= jj) & same
+    diff = gc[..., :, None] - gc[..., None, :]
+    dec_s = jnp.exp(jnp.where(strict, diff, -jnp.inf))
+    dec_i = jnp.exp(jnp.where(incl, diff, -jnp.inf))
+    A = jnp.einsum("...ik,...jk->...ij", kc, kc, precision=hp) * bc[..., :, None] * dec_s
+    eye = jnp.eye(C, dtype=F32)
+    M = jax.scipy.linalg.solve_triangular(eye + A, jnp.broadcast_to(eye, A.shape), lower=True, unit_diagonal=True)
+    Gm = jnp.exp(gc)
+    w = jnp.einsum("...ij,...jk->...ik", M, kc * (bc * Gm * cin)[..., None], precision=hp)
+    u = jnp.einsum("...ij,...jv->...iv", M, vc * bc[..., None], precision=hp)
+    P = jnp.einsum("...ik,...jk->...ij", qc, kc, precision=hp) * dec_i
+    qd = qc * (Gm * cin)[..., None]
+    kd = kc * (jnp.exp(gc[..., -1:] - gc) * tail)[..., None]
+    gam = jnp.exp(gc[..., -1]) * cin[..., -1]
+    s0 = jnp.zeros((B, HV, K, V), F32) if h0 is None else h0.astype(F32)
+    xs = [x.transpose(2, 0, 1, *range(3, x.ndim)) for x in (w, u, P, qd, kd, gam)]
+
+    def step(s, x):
+        w_, u_, P_, qd_, kd_, gm_ = x
+        vn = u_ - jnp.einsum("bhck,bhkv->bhcv", w_, s, precision=hp)
+        o = jnp.einsum("bhck,bhkv->bhcv", qd_, s, precision=hp) + jnp.einsum("bhcj,bhjv->bhcv", P_, vn, precision=hp)
+        s = s * gm_[..., None, None] + jnp.einsum("bhck,bhcv->bhkv", kd_, vn, precision=hp)
+        return s, o
+
+    s, o = lax.scan(step, s0, xs)
+    o = o.transpose(1, 0, 3, 2, 4).reshape(B, Tp, HV, V)[:, :T]
+    return o, s
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public entry
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _gdn(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
+    return _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale)
+
+
+def _gdn_fwd(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
+    out = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale)
+    return out, (q, k, v, g, beta, h0, segment_ids)
+
+
+def _bwd(use_qk_l2norm, scale, res, cts):
+    q, k, v, g, beta, h0, segment_ids = res
+    do, dht = cts
+
+    def f(q, k, v, g, beta, h0):
+        o, s = _chunked_jax(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale)
+        return o.astype(v.dtype), s
+
+    _, vjp = jax.vjp(f, q, k, v, g, beta, h0)
+    dq, dk, dv, dg, db, dh0 = vjp((do, dht))
+    dseg = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+    return dq, dk, dv, dg, db, dh0, dseg
+
+
+_gdn.defvjp(_gdn_fwd, _bwd)
+
+
+def supports(q, k, v, g=None, beta=None, *, initial_state=None, segment_ids=None, **_):
+    """True only for calls the GPU tests cover."""
+    try:
+        if jax.default_backend() != "gpu" and _INTERPRET is None:
+            return False
+        dev = jax.devices()[0]
+        if _INTERPRET is None and getattr(dev, "compute_capability", None) not in ("9.0",):
+            return False
+    except RuntimeError:
+        return False
+    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4:
+        return False
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    if v.shape[:2] != (B, T) or HV % H:
+        return False
+    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if K not in SUPPORTED_HEAD_DIMS or V not in SUPPORTED_HEAD_DIMS:
+        return False
+    return True
+
+
+def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
+                     impl="pallas_gpu"):
+    """Chunked gated delta rule on Hopper (Mosaic GPU). Returns (o [B,T,HV,V] in v.dtype, final_state fp32)."""
+    K = q.shape[-1]
+    if scale is None:
+        scale = K ** -0.5
+    h0 = None if initial_state is None else initial_state.astype(F32)
+    if h0 is None:
+        h0 = jnp.zeros((q.shape[0], v.shape[2], K, v.shape[3]), F32)
+    return _gdn(q, k, v, g, beta, h0, segment_ids, bool(use_qk_l2norm), float(scale))
