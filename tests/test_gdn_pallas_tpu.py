@@ -1,0 +1,164 @@
+"""Mosaic TPU Pallas Gated DeltaNet kernel (kernels_pallas/gdn/pallas_tpu.py).
+
+On CPU the kernels run in the Pallas interpreter and are checked against the token-by-token reference: outputs,
+final state and all gradients, over lengths that are not multiples of the chunk, GVA ratios 1-3, packed documents,
+strong and weak decay, fp32 and bf16. With libtpu installed, the same kernels are also lowered through Mosaic and
+compiled ahead of time for real TPU chips at Qwen3-Next shapes, which catches what the interpreter lets through.
+"""
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.gdn import gated_delta_rule, pallas_tpu
+
+
+def make_inputs(seed, T, H=1, ratio=1, K=64, V=64, decay=0.1, init=False, dtype=jnp.float32):
+    """Random inputs (B = 1); g uniform in [-2 * decay, 0]."""
+    rng = np.random.default_rng(seed)
+    HV = H * ratio
+    x = dict(q=rng.normal(size=(1, T, H, K)), k=rng.normal(size=(1, T, H, K)), v=rng.normal(size=(1, T, HV, V)),
+             g=-rng.uniform(0, 2 * decay, size=(1, T, HV)), beta=rng.uniform(0, 1, size=(1, T, HV)))
+    x = {n: jnp.asarray(a, dtype) for n, a in x.items()}
+    if init:
+        x["initial_state"] = jnp.asarray(rng.normal(size=(1, HV, K, V)), jnp.float32)
+    return x
+
+
+def segments_from_lengths(lengths):
+    return jnp.asarray(np.concatenate([np.full(n, 5 * i + 2) for i, n in enumerate(lengths)])[None], jnp.int32)
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / np.abs(b).max()
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "options"))
+def forward_and_grads(x, segment_ids, cotangent, impl, options=()):
+    """(o, final_state) and the gradients of <(o, final_state), cotangent> w.r.t. every float input."""
+    f = lambda x: gated_delta_rule(**x, segment_ids=segment_ids, impl=impl, **dict(options))
+    out, vjp = jax.vjp(f, x)
+    return out, vjp(cotangent)[0]
+
+
+def check_against_reference(x, segment_ids=None, tol=1e-5, grad_tol=2e-5, options=()):
+    """Relative errors (max abs error over max abs value) of o and final_state below tol, of the gradients below
+    grad_tol. Gradients get 2e-5 in fp32: under strong decay the in-chunk cumsum of g reaches |gc| ~ 100s, whose fp32
+    rounding shows in exp(gc_i - gc_j); the pure-JAX chunked form has the same error (both ~1e-5 in dg at g ~ -10
+    per token against a float64 recurrence, where the fp32 token-by-token reference is at 1e-7)."""
+    rng = np.random.default_rng(99)
+    o_shape = x["v"].shape
+    s_shape = (1, o_shape[2], x["q"].shape[3], o_shape[3])
+    cotangent = (jnp.asarray(rng.normal(size=o_shape), x["v"].dtype), jnp.asarray(rng.normal(size=s_shape)))
+    (o, state), grads = forward_and_grads(x, segment_ids, cotangent, "pallas_tpu", options)
+    # The reference gets the same (possibly bf16-rounded) inputs in fp32, so only the kernel's arithmetic differs.
+    x32 = {n: a.astype(jnp.float32) for n, a in x.items()}
+    cotangent32 = tuple(c.astype(jnp.float32) for c in cotangent)
+    (o_ref, state_ref), grads_ref = forward_and_grads(x32, segment_ids, cotangent32, "reference", options)
+    assert o.dtype == x["v"].dtype and o.shape == o_ref.shape and state.dtype == jnp.float32
+    errors = {"o": rel_err(o, o_ref), "final_state": rel_err(state, state_ref)}
+    for name in x:
+        assert grads[name].dtype == x[name].dtype and grads[name].shape == x[name].shape, name
+        errors["d" + name] = rel_err(grads[name], grads_ref[name])
+    bad = {n: f"{e:.1e}" for n, e in errors.items() if not e < (grad_tol if n.startswith("d") else tol)}
+    assert not bad, f"relative errors above {tol} (values) / {grad_tol} (gradients): {bad}"
+
+
+# Document starts at 1 (a length-1 first document), 64 (a chunk boundary), 100 and 101 (a length-1 document).
+PACKED = (1, 63, 36, 1, 49)
+
+
+@pytest.mark.parametrize("T,ratio,decay,init", [
+    (128, 1, 2.0, False),  # whole chunks, strong decay (exp(g) down to e^-4), no initial state
+    (100, 2, 0.01, True),  # odd length, weak decay, GVA 2
+    (70, 3, 0.3, True),  # GVA 3, one full chunk and a 6-token tail
+])
+def test_matches_reference(T, ratio, decay, init):
+    check_against_reference(make_inputs(T, T, ratio=ratio, decay=decay, init=init))
+
+
+@pytest.mark.parametrize("decay", [5.0, 0.01])  # g down to -10 per token / nearly no decay
+def test_packed_documents(decay):
+    x = make_inputs(7, sum(PACKED), ratio=2, decay=decay, init=True)
+    check_against_reference(x, segments_from_lengths(PACKED))
+
+
+def test_lane_major_head_dims():
+    """K = V = 128 takes the free [B, T, heads * D] view instead of the head-major transpose; K != V too."""
+    check_against_reference(make_inputs(3, 80, ratio=2, K=128, V=128, init=True))
+    check_against_reference(make_inputs(4, 40, ratio=1, K=128, V=64, init=True))
+
+
+def test_without_l2norm_and_custom_scale():
+    x = make_inputs(5, 90, ratio=2, init=True)
+    # Unnormalised keys of norm ~8 would make the recurrence blow up: feed (nearly) unit vectors instead.
+    x["q"], x["k"] = (a / jnp.linalg.norm(a, axis=-1, keepdims=True) for a in (x["q"], x["k"]))
+    check_against_reference(x, options=(("use_qk_l2norm", False), ("scale", 0.3)))
+
+
+def test_bf16():
+    x = make_inputs(6, sum(PACKED), ratio=2, init=True, dtype=jnp.bfloat16)
+    x["initial_state"] = x["initial_state"].astype(jnp.float32)
+    check_against_reference(x, segments_from_lengths(PACKED), tol=1e-2, grad_tol=1e-2)
+
+
+def test_supports():
+    x = make_inputs(0, 8, ratio=2)
+    assert pallas_tpu.supports(**x)
+    assert not pallas_tpu.supports(**x, chunk_size=32)
+    assert not pallas_tpu.supports(**make_inputs(0, 8, K=32))
+    assert not pallas_tpu.supports(**{**x, "v": x["v"].astype(jnp.bfloat16)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for TPU chips (needs libtpu; no TPU). The kernels are lowered with interpret=False inside
+# shard_map over the batch (Mosaic kernels cannot be partitioned automatically).
+
+# Several processes on one host (pytest-xdist, a neighbour's tests) would otherwise fight over libtpu's lock file.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+
+def compile_for_tpu(topology, B_per_chip, T, H, HV, K, V, dtype):
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    devices = topologies.get_topology_desc(topology, "tpu").devices
+    mesh = Mesh(np.array(devices), ("data",))
+    B = B_per_chip * len(devices)
+
+    def loss(q, k, v, g, beta, h0, segment_ids):
+        o, state = pallas_tpu.gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=segment_ids,
+                                               interpret=False)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(state**2)
+
+    def step(*args):  # per chip: the loss and the gradients of every float input
+        return jax.value_and_grad(loss, argnums=range(6))(*args)
+
+    batch = P("data")
+    f = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(batch,) * 7, out_specs=(P(), (batch,) * 6),
+                              check_vma=False))
+    arg = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=NamedSharding(mesh, batch))
+    compiled = f.lower(arg((B, T, H, K), dtype), arg((B, T, H, K), dtype), arg((B, T, HV, V), dtype),
+                       arg((B, T, HV), jnp.float32), arg((B, T, HV), dtype), arg((B, HV, K, V), jnp.float32),
+                       arg((B, T), jnp.int32)).compile()
+    # Forward, the backward's state recompute and the backward: three Mosaic kernels.
+    assert compiled.as_text().count("tpu_custom_call") == 3
+    return compiled.memory_analysis()
+
+
+# The topology names this libtpu (0.0.48.1) accepts; "v5p:1x1x1" and "v6e:1x1" are refused (not divisible by the
+# default 2x2x1 chips per host).
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "v6e:2x2"])
+def test_aot_compiles_for_tpu_at_qwen3_next_shapes(topology):
+    memory = compile_for_tpu(topology, B_per_chip=1, T=4096, H=16, HV=32, K=128, V=128, dtype=jnp.bfloat16)
+    assert memory.temp_size_in_bytes < 1 << 30
+
+
+def test_aot_compiles_for_tpu_head_major_fp32():
+    """D = 64 (head-major layout), fp32 (HIGHEST dots), GVA 2, a length that is not a multiple of the chunk."""
+    compile_for_tpu("v5p:2x2x1", B_per_chip=1, T=200, H=2, HV=4, K=64, V=64, dtype=jnp.float32)
