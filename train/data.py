@@ -1,0 +1,262 @@
+"""Training data on grain: documents from files, tokenised, shuffled, sharded per host, packed into rows.
+
+The pipeline (per host):
+
+    documents (random access)  -> every process_count-th document (per-host shard)
+    -> shuffle(seed), reshuffled every epoch, repeated forever  -> tokenise (+ end-of-document token)
+    -> grain's ConcatThenSplit packing into rows of seq_len  -> batch  -> worker processes (optional)
+
+Packing concatenates documents and splits at row ends, so no token is dropped and rows need no padding. Each row
+carries `segment_ids` (1, 2, ... per document piece, 0 = padding) and `positions` (restarting at 0 at each piece);
+a document split across two rows continues in the next row as a new piece starting at position 0. The model masks
+attention by segment and restarts the Gated DeltaNet state at each piece, so a packed row computes exactly what its
+pieces would compute run one by one (tests/test_train_packing.py).
+
+The iterator is a grain DatasetIterator: its state (a small dict) is saved with every checkpoint through grain's
+Orbax handler, and restoring it continues with the very next batch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import glob
+import json
+import os
+import sysconfig
+from typing import Any
+
+import grain
+from absl import flags
+import numpy as np
+
+from train.config import DataConfig
+
+BYTE_VOCAB = 257  # bytes 0..255 and the end-of-document token 256
+BYTE_EOS = 256
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids, and 256 closing every document: needs no vocabulary file."""
+
+    vocab_size = BYTE_VOCAB
+    eos_id = BYTE_EOS
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+class HFTokenizer:
+    """Any Hugging Face `tokenizer.json`, read by the `tokenizers` library (picklable, so it runs in workers)."""
+
+    def __init__(self, path: str, eos_id: int | None):
+        import tokenizers
+
+        self._tok = tokenizers.Tokenizer.from_file(path)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = eos_id
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, np.int32)
+
+
+def make_tokenizer(spec: str, eos_id: int | list[int] | None):
+    if spec == "bytes":
+        return ByteTokenizer()
+    if isinstance(eos_id, list):
+        eos_id = eos_id[0]
+    return HFTokenizer(spec, eos_id)
+
+
+# ---------------------------------------------------------------------------------------------------- documents
+
+TEXT_SUFFIXES = (".txt", ".py", ".md", ".rst", ".text")
+
+
+class _WholeFile:
+    """One document: the file's text."""
+
+    def __init__(self, path: str, field: str):
+        self.path = path
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+
+
+class _JsonLines:
+    """One document per line: line[field]. Line offsets are found once, so any line is read with one seek."""
+
+    def __init__(self, path: str, field: str):
+        self.path, self.field = path, field
+        offsets, pos = [], 0
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    offsets.append(pos)
+                pos += len(line)
+        self.offsets = np.asarray(offsets, np.int64)
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> str:
+        with open(self.path, "rb") as f:
+            f.seek(int(self.offsets[i]))
+            return json.loads(f.readline())[self.field]
+
+
+class _Parquet:
+    """One document per row of column `field`; a row group is read whole and the last one kept."""
+
+    def __init__(self, path: str, field: str):
+        import pyarrow.parquet as pq
+
+        self.path, self.field = path, field
+        meta = pq.ParquetFile(path).metadata
+        self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    @functools.lru_cache(maxsize=1)
+    def _group(self, g: int) -> list:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path).read_row_group(g, columns=[self.field]).column(0).to_pylist()
+
+    def __getitem__(self, i: int) -> str:
+        g = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self._group(g)[i - int(self.starts[g])]
+
+
+class _ArrayRecord:
+    """One UTF-8 document per record."""
+
+    def __init__(self, path: str, field: str):
+        self.source = grain.sources.ArrayRecordDataSource([path])
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> str:
+        record = self.source[i]
+        return record.decode("utf-8", errors="replace") if isinstance(record, bytes) else record
+
+
+def _reader(path: str):
+    if path.endswith((".jsonl", ".json")):
+        return _JsonLines
+    if path.endswith(".parquet"):
+        return _Parquet
+    if path.endswith((".array_record", ".arrayrecord")) or ".array_record-" in path:
+        return _ArrayRecord
+    return _WholeFile
+
+
+def default_sources() -> list[str]:
+    """The built-in corpus: the Python standard library's own source (without site-packages)."""
+    stdlib = sysconfig.get_paths()["stdlib"]
+    return [p for p in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True) if "site-packages" not in p]
+
+
+def expand_sources(patterns: list[str]) -> list[str]:
+    """Files named by paths, directories (their files, recursively) and globs; sorted, so every host agrees."""
+    files = []
+    for pattern in patterns:
+        matches = glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isdir(pattern) \
+            else glob.glob(pattern, recursive=True)
+        matches = [m for m in matches if os.path.isfile(m)]
+        if not matches:
+            raise FileNotFoundError(f"data.sources: nothing matches {pattern!r}")
+        files += matches
+    return sorted(set(files))
+
+
+class Documents:
+    """A grain random-access source over all documents of many files; `indices` selects a subset (a split)."""
+
+    def __init__(self, files: list[str], field: str, indices: np.ndarray | None = None):
+        self.files = [_reader(f)(f, field) for f in files]
+        self.starts = np.cumsum([0] + [len(f) for f in self.files])
+        self.indices = np.arange(self.starts[-1]) if indices is None else indices
+
+    def subset(self, indices: np.ndarray) -> "Documents":
+        sub = object.__new__(Documents)
+        sub.files, sub.starts, sub.indices = self.files, self.starts, self.indices[indices]
+        return sub
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> str:
+        j = int(self.indices[i])
+        f = bisect.bisect_right(self.starts, j) - 1
+        return self.files[f][j - int(self.starts[f])]
+
+
+def split_documents(cfg: DataConfig) -> tuple[Documents, Documents]:
+    """(train, validation): a fixed random share val_fraction of the documents (at least one) is held out."""
+    docs = Documents(expand_sources(cfg.sources) if cfg.sources else default_sources(), cfg.text_field)
+    n = len(docs)
+    n_val = max(1, int(round(n * cfg.val_fraction))) if cfg.val_fraction > 0 else 0
+    if n - n_val < 1:
+        raise ValueError(f"data: {n} documents are too few to hold out {n_val} for validation")
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    return docs.subset(np.sort(order[n_val:])), docs.subset(np.sort(order[:n_val]))
+
+
+# ---------------------------------------------------------------------------------------------------- pipeline
+
+
+class _Tokenize(grain.transforms.Map):
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def map(self, text: str) -> dict[str, np.ndarray]:
+        ids = self.tokenizer.encode(text)
+        if self.tokenizer.eos_id is not None:
+            ids = np.append(ids, np.int32(self.tokenizer.eos_id))
+        return {"tokens": ids}
+
+
+def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {"input_ids": batch["tokens"], "segment_ids": batch["tokens_segment_ids"],
+            "positions": batch["tokens_positions"]}
+
+
+def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int | None,
+                   num_workers: int = 0, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """Batches {input_ids, segment_ids, positions} of shape [batch_size, seq_len], int32, forever.
+
+    `batch_size` is this host's share. seed=None keeps the document order (validation).
+    """
+    ds = grain.MapDataset.source(docs)[process_index::process_count]
+    if len(ds) == 0:
+        raise ValueError(f"host {process_index} of {process_count} got no documents")
+    if seed is not None:
+        ds = ds.shuffle(seed=seed)
+    ds = ds.repeat(None).map(_Tokenize(tokenizer))
+    packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len})
+    batches = packed.batch(batch_size, drop_remainder=True).map(_rename)
+    if num_workers > 0:
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, which a non-absl program never parses
+            flags.FLAGS.mark_as_parsed()
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    return batches
+
+
+def train_and_val(cfg: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1
+                  ) -> tuple[grain.IterDataset, grain.IterDataset]:
+    """The training stream and the validation stream for this host."""
+    if cfg.batch_size % process_count:
+        raise ValueError(f"data.batch_size {cfg.batch_size} must be a multiple of the host count {process_count}")
+    train_docs, val_docs = split_documents(cfg)
+    kw: dict[str, Any] = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size // process_count,
+                              process_index=process_index, process_count=process_count)
+    train = packed_batches(train_docs, tokenizer, seed=cfg.seed, num_workers=cfg.num_workers, **kw)
+    val = packed_batches(val_docs, tokenizer, seed=None, **kw)
+    return train, val

@@ -1,0 +1,117 @@
+"""What a run reports: the FLOP count behind MFU, and the sinks (metrics.jsonl, TensorBoard, a progress bar).
+
+FLOPs per trained token (forward + backward = 3 x forward, a matmul of an [in, out] weight = 2 * in * out per token
+forward, so 6 per weight), counted from the config, not from the parameter tree:
+- Matmul weights a token actually uses: per attention layer q (with its gate), k, v, o projections; per Gated
+  DeltaNet layer in_proj_qkvz, in_proj_ba, the depthwise conv (kernel * channels) and out_proj; per MoE layer the
+  router, the top-k routed experts and the shared expert with its gate (a dense MLP where the layer is dense);
+  the LM head; per MTP depth its fc, one attention layer with its MoE, and the LM head again. Embedding lookups are
+  not matmuls and count 0. This is 6 * (active non-embedding parameters + LM head uses).
+- Softmax attention: QK^T and AV cost 2 * 2 * head_dim * heads per (query, key) pair; causal attention over a
+  row of T tokens averages T / 2 keys per query, so 6 * 4 * heads * head_dim * T / 2 per token and layer. This
+  counts the whole row as context: packed documents attend less, and the count does not subtract that.
+- Gated DeltaNet: per token and value head, the recurrent form does S^T k, the rank-one update and S^T q, three
+  [dk, dv] products of 2 * dk * dv FLOPs: 6 * 3 * 2 * dk * dv * value_heads per token and layer. (The chunked
+  kernels do somewhat more work within chunks; MFU counts the model's math, not the implementation's.)
+MFU = FLOPs per token * tokens per second per device / the device's peak dense bf16 FLOP/s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+
+from qwen3next_jax.config import FULL, Qwen3NextConfig
+
+# Peak dense bf16 FLOP/s per device (vendor figures, without sparsity), matched against device_kind.
+PEAK_BF16 = {
+    "H200": 989e12, "H100": 989e12, "A100": 312e12,
+    "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
+}
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    kind = device.device_kind
+    for name, peak in PEAK_BF16.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+def _attention_weights(c: Qwen3NextConfig) -> int:
+    D, H, KV, hd = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    return D * H * hd * 2 + 2 * D * KV * hd + H * hd * D
+
+
+def _gdn_weights(c: Qwen3NextConfig) -> int:
+    D, nk, nv, dk, dv = (c.hidden_size, c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim,
+                         c.linear_value_head_dim)
+    conv_channels = 2 * nk * dk + nv * dv
+    return D * (2 * nk * dk + 2 * nv * dv) + D * 2 * nv + conv_channels * c.linear_conv_kernel_dim + nv * dv * D
+
+
+def _ffn_weights(c: Qwen3NextConfig, sparse: bool) -> int:
+    D = c.hidden_size
+    if not sparse:
+        return 3 * D * c.intermediate_size
+    return (D * c.num_experts + c.num_experts_per_tok * 3 * D * c.moe_intermediate_size
+            + 3 * D * c.shared_expert_intermediate_size + D)
+
+
+def flops_per_token(c: Qwen3NextConfig, seq_len: int) -> dict[str, float]:
+    """Training FLOPs per token, by part (see the module docstring)."""
+    matmul = attention = gdn = 0.0
+    for i in range(c.num_hidden_layers):
+        kind, sparse = c.layer_signature(i)
+        matmul += (_attention_weights(c) if kind == FULL else _gdn_weights(c)) + _ffn_weights(c, sparse)
+        if kind == FULL:
+            attention += 4 * c.num_attention_heads * c.head_dim * seq_len / 2
+        else:
+            gdn += 3 * 2 * c.linear_num_value_heads * c.linear_key_head_dim * c.linear_value_head_dim
+    head = c.hidden_size * c.vocab_size
+    matmul += head
+    for _ in range(c.mtp_num_hidden_layers):
+        matmul += 2 * c.hidden_size * c.hidden_size + _attention_weights(c) + _ffn_weights(c, c.num_experts > 0)
+        matmul += head
+        attention += 4 * c.num_attention_heads * c.head_dim * seq_len / 2
+    parts = {"matmul": 6 * matmul, "attention": 3 * attention, "gdn": 3 * gdn}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per record, flushed at once) and TensorBoard scalars.
+
+    On a resume from step s, records after s (written by the interrupted run after its last checkpoint) are
+    dropped, so the file reads exactly as if the run had never stopped; TensorBoard purges them the same way.
+    """
+
+    def __init__(self, run_dir: str, resume_step: int | None, tensorboard: bool = True):
+        from tensorboardX import SummaryWriter
+
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        kept = []
+        if resume_step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+        self._file = open(self.path, "a")
+        purge = None if resume_step is None else resume_step + 1
+        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge) if tensorboard else None
+
+    def write(self, step: int, record: dict[str, Any], tensorboard: bool = True) -> None:
+        self._file.write(json.dumps({"step": step, **record}) + "\n")
+        self._file.flush()
+        if self._tb is not None and tensorboard:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and v is not None:
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
