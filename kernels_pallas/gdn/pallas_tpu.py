@@ -30,9 +30,10 @@ Decisions:
 - (I + A)^-1 is unit lower triangular: inverted exactly by products (I - X)(I + X^2)(I + X^4)... of its nilpotent
   part, first within 16 x 16 diagonal blocks, then across blocks (see _unit_lower_inverse); all MXU work, no serial
   row loop, and the alternating sums stay short (at most 16 terms) for fp32 accuracy.
-- Dot precision: fp32 inputs use fp32 operands at Precision.HIGHEST; bf16 inputs feed the q/k/v/state products to
-  the MXU in bf16 with fp32 accumulation (the state itself stays fp32 in VMEM). The triangular inverse and its
-  adjoint are always fp32 HIGHEST.
+- Dot precision: fp32 inputs use fp32 operands at Precision.HIGHEST (6 bf16 passes) throughout. bf16 inputs feed
+  the q/k/v/state products to the MXU as bf16 with fp32 accumulation (the state itself stays fp32 in VMEM; this is
+  what FLA does with bf16 h, u, w), and the triangular inverse and the dots with it at Precision.HIGH (3 passes,
+  about fp32 accuracy; FLA's are TF32): at HIGHEST they would be most of the kernel's MXU work.
 """
 import functools
 from typing import NamedTuple
@@ -54,7 +55,8 @@ class Config(NamedTuple):  # static (hashable) parameters of one kernel call
     group: int  # r = HV // H: value heads per key head
     use_qk_l2norm: bool
     scale: float
-    mxu_dtype: jnp.dtype  # operand dtype of the q/k/v/state dots: float32 (HIGHEST) or bfloat16
+    mxu_precision: jax.lax.Precision  # of the q/k/v/state dots: HIGHEST (fp32 inputs) or DEFAULT (bf16 operands)
+    solve_precision: jax.lax.Precision  # of the triangular inverse and the dots with it: HIGHEST or HIGH
     interpret: bool
 
 
@@ -62,16 +64,13 @@ class Config(NamedTuple):  # static (hashable) parameters of one kernel call
 # In-kernel helpers (operate on loaded 2D values)
 
 
-def _dot(a, b, mxu_dtype, *, ta=False, tb=False):
-    """a @ b (a^T if ta, b^T if tb) with fp32 accumulation."""
+def _dot(a, b, precision, *, ta=False, tb=False):
+    """a @ b (a^T if ta, b^T if tb) with fp32 accumulation. DEFAULT precision casts the operands to bf16 here, so
+    the interpreter on CPU rounds them as the MXU does; HIGH / HIGHEST multiply fp32 operands in 3 / 6 bf16 passes."""
     dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
-    if mxu_dtype == jnp.float32:
-        return jax.lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims, precision=HIGHEST,
-                                   preferred_element_type=jnp.float32)
-    return jax.lax.dot_general(a.astype(mxu_dtype), b.astype(mxu_dtype), dims, preferred_element_type=jnp.float32)
-
-
-_exact = functools.partial(_dot, mxu_dtype=jnp.float32)
+    dtype = jnp.bfloat16 if precision == jax.lax.Precision.DEFAULT else jnp.float32
+    return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), dims, precision=precision,
+                               preferred_element_type=jnp.float32)
 
 
 def _eye_mask(n):
@@ -100,7 +99,7 @@ def _masked_exp(x, keep):
     return jnp.where(keep, jnp.exp(jnp.where(keep, x, 0.0)), 0.0)
 
 
-def _unit_lower_inverse(A):
+def _unit_lower_inverse(A, dot):
     """(I + A)^-1 for A (C, C) strictly lower triangular, C a power-of-two multiple of INVERSE_BLOCK.
 
     For nilpotent X with X^(2^m) = 0, (I + X)^-1 = (I - X)(I + X^2)(I + X^4)...(I + X^(2^(m-1))), exactly.
@@ -117,13 +116,13 @@ def _unit_lower_inverse(A):
     def neumann_product(X, steps):  # (I - X)(I + X^2)...(I + X^(2^steps))
         inv, power = eye - X, X
         for _ in range(steps):
-            power = _exact(power, power)
-            inv = inv + _exact(inv, power)
+            power = dot(power, power)
+            inv = inv + dot(inv, power)
         return inv
 
     Td = neumann_product(A_d, INVERSE_BLOCK.bit_length() - 2)  # 16 = 2^4: powers 2, 4, 8
-    N = _exact(Td, A - A_d)
-    return _exact(neumann_product(N, (C // INVERSE_BLOCK).bit_length() - 2), Td)
+    N = dot(Td, A - A_d)
+    return dot(neumann_product(N, (C // INVERSE_BLOCK).bit_length() - 2), Td)
 
 
 class _Chunk(NamedTuple):
@@ -164,9 +163,10 @@ def _chunk_terms(q, k, v, gc_row, beta_row, doc_row, cfg):
     start = _masked_exp(gc, doc == 0.0)
     end = _masked_exp(_last(gc_row) - gc, doc == _last(doc_row))
     carry = _masked_exp(_last(gc_row), _last(doc_row) == 0.0)
-    kk = _dot(k, k, cfg.mxu_dtype, tb=True)
+    kk = _dot(k, k, cfg.mxu_precision, tb=True)
     strict = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) > jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
-    tinv = _unit_lower_inverse(jnp.where(strict, beta * kk * decay, 0.0))
+    solve_dot = functools.partial(_dot, precision=cfg.solve_precision)
+    tinv = _unit_lower_inverse(jnp.where(strict, beta * kk * decay, 0.0), solve_dot)
     return _Chunk(q, k, q_inv, k_inv, beta, decay, start, end, carry, kk, tinv, beta * v, beta * start * k)
 
 
@@ -190,10 +190,11 @@ def _forward_kernel(*refs, cfg, emit_output):
     S0 = S_ref[...]  # (K, V) fp32
     q = q_ref[...] if emit_output else None
     c = _chunk_terms(q, k_ref[...], v_ref[...], gc_ref[...], beta_ref[...], doc_ref[...], cfg)
-    mm = functools.partial(_dot, mxu_dtype=cfg.mxu_dtype)
-    delta = _exact(c.tinv, c.x) - _exact(_exact(c.tinv, c.y), S0)  # u - w S0, (C, V)
+    mm = functools.partial(_dot, precision=cfg.mxu_precision)
+    solve_mm = functools.partial(_dot, precision=cfg.solve_precision)
+    delta = solve_mm(c.tinv, c.x) - mm(solve_mm(c.tinv, c.y), S0)  # u - w S0, (C, V)
     if emit_output:
-        P = _dot(c.q, c.k, cfg.mxu_dtype, tb=True) * c.decay  # (C, C)
+        P = mm(c.q, c.k, tb=True) * c.decay  # (C, C)
         o_ref[...] = (mm(c.q * c.start, S0) + mm(P, delta)).astype(o_ref.dtype)
     else:
         states_ref[...] = S0
@@ -220,10 +221,11 @@ def _backward_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, doc_ref, S0_ref, do_
     S0 = S0_ref[...]
     v = v_ref[...].astype(jnp.float32)
     c = _chunk_terms(q_ref[...], k_ref[...], v, gc_ref[...], beta_ref[...], doc_ref[...], cfg)
-    mm = functools.partial(_dot, mxu_dtype=cfg.mxu_dtype)
-    w = _exact(c.tinv, c.y)
-    delta = _exact(c.tinv, c.x) - _exact(w, S0)
-    qk = _dot(c.q, c.k, cfg.mxu_dtype, tb=True)
+    mm = functools.partial(_dot, precision=cfg.mxu_precision)
+    solve_mm = functools.partial(_dot, precision=cfg.solve_precision)
+    w = solve_mm(c.tinv, c.y)
+    delta = solve_mm(c.tinv, c.x) - mm(w, S0)
+    qk = mm(c.q, c.k, tb=True)
     P = qk * c.decay
     do = do_ref[...].astype(jnp.float32)
 
@@ -236,12 +238,12 @@ def _backward_kernel(q_ref, k_ref, v_ref, gc_ref, beta_ref, doc_ref, S0_ref, do_
     # delta = Tinv x - (Tinv y) S0
     dw = -mm(ddelta, S0, tb=True)  # (C, K)
     dS0 = c.carry * dS1 + mm(c.q * c.start, do, ta=True) - mm(w, ddelta, ta=True)
-    dx = _exact(c.tinv, ddelta, ta=True)
-    dy = _exact(c.tinv, dw, ta=True)
-    dtinv = _exact(ddelta, c.x, tb=True) + _exact(dw, c.y, tb=True)
+    dx = solve_mm(c.tinv, ddelta, ta=True)
+    dy = solve_mm(c.tinv, dw, ta=True)
+    dtinv = solve_mm(ddelta, c.x, tb=True) + solve_mm(dw, c.y, tb=True)
     # Tinv = (I + A)^-1  =>  dA = -Tinv^T dTinv Tinv^T, on A's strictly lower support
     strict = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) > jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
-    dA = jnp.where(strict, -_exact(_exact(c.tinv, dtinv, ta=True), c.tinv, tb=True), 0.0)
+    dA = jnp.where(strict, -solve_mm(solve_mm(c.tinv, dtinv, ta=True), c.tinv, tb=True), 0.0)
     # A = beta_i kk D (strict);  P = qk D
     dkk = dA * c.beta * c.decay
     dqk = dP * c.decay
@@ -459,9 +461,11 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, 
     HV, V = v.shape[2:]
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
+    fp32 = v.dtype == jnp.float32
     cfg = Config(chunk=chunk_size, group=HV // H, use_qk_l2norm=use_qk_l2norm,
                  scale=float(K**-0.5 if scale is None else scale),
-                 mxu_dtype=jnp.float32 if v.dtype == jnp.float32 else jnp.bfloat16, interpret=interpret)
+                 mxu_precision=HIGHEST if fp32 else jax.lax.Precision.DEFAULT,
+                 solve_precision=HIGHEST if fp32 else jax.lax.Precision.HIGH, interpret=interpret)
     h0 = jnp.zeros((B, HV, K, V), jnp.float32) if initial_state is None else initial_state.astype(jnp.float32)
     if segment_ids is None:
         segment_ids = jnp.zeros((B, T), jnp.int32)
