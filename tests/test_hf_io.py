@@ -1,0 +1,415 @@
+"""Hugging Face checkpoint import/export (qwen3next_jax.hf_io) and the Orbax converter (qwen3next_jax.convert).
+
+Round trips are bit exact (same names, dtypes, shapes, bytes) on the transformers-written goldens, sharded and single
+file, fp32 and bf16, with and without MTP; malformed checkpoints raise one error naming every bad tensor; the
+transformers 4.57 config layout reads like the 5.x one. The `torch` test loads our export with transformers itself.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from qwen3next_jax import convert, hf_io
+from qwen3next_jax.config import Qwen3NextConfig
+from qwen3next_jax.hf_io import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_all(path) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint directory (via the index when there is one)."""
+    reader = hf_io.SafetensorsReader(path)
+    try:
+        return {n: reader.get(n) for n in reader.names()}
+    finally:
+        reader.close()
+
+
+def assert_bit_exact(a_dir, b_dir):
+    a, b = read_all(a_dir), read_all(b_dir)
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))[:20]
+    bad = [n for n in a if a[n].dtype != b[n].dtype or a[n].shape != b[n].shape
+           or a[n].tobytes() != b[n].tobytes()]
+    assert not bad, f"tensors differ: {bad[:20]}"
+
+
+def params_of(model) -> dict:
+    return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def copy_golden(name, tmp_path) -> str:
+    dst = os.path.join(tmp_path, name)
+    shutil.copytree(os.path.join(GOLDEN, name), dst)
+    return dst
+
+
+def rewrite_single(path, edit):
+    """Apply edit(dict of tensors) to a single-file checkpoint in place."""
+    f = os.path.join(path, "model.safetensors")
+    tensors = read_all(path)
+    edit(tensors)
+    save_file(tensors, f, metadata={"format": "pt"})
+
+
+# ------------------------------------------------------------------------------------------------ round trips
+
+@pytest.mark.parametrize("name", ["tiny", "odd", "tiny_mtp"])
+@pytest.mark.parametrize("shard", ["60KB", "5GB"])
+def test_round_trip_bit_exact(name, shard, tmp_path):
+    src = os.path.join(GOLDEN, name)
+    model = load_hf_checkpoint(src)
+    files = save_hf_checkpoint(model, tmp_path / "out", max_shard_size=shard)
+    sharded = shard == "60KB"
+    assert ("model.safetensors.index.json" in files) == sharded
+    assert os.path.exists(tmp_path / "out" / ("model.safetensors.index.json" if sharded else "model.safetensors"))
+    assert_bit_exact(src, tmp_path / "out")
+    if sharded:
+        with open(tmp_path / "out" / "model.safetensors.index.json") as f:
+            index = json.load(f)
+        assert set(index["weight_map"].values()) == {x for x in files if x.endswith(".safetensors")}
+        assert index["metadata"]["total_size"] == sum(t.nbytes for t in read_all(src).values())
+        for fn in set(index["weight_map"].values()):  # max_shard_size respected (no single tensor is larger)
+            assert os.path.getsize(tmp_path / "out" / fn) < 60_000 + 10_000
+    # and back in: the same parameters, the same config
+    again = load_hf_checkpoint(tmp_path / "out")
+    p, q = params_of(model), params_of(again)
+    assert sorted(p) == sorted(q) and all(p[k].tobytes() == q[k].tobytes() for k in p)
+    assert again.config == model.config
+
+
+def test_export_writes_per_expert_layout_and_transformers5_config(tmp_path):
+    model = load_hf_checkpoint(os.path.join(GOLDEN, "tiny"))
+    save_hf_checkpoint(model, tmp_path)
+    names = set(read_all(tmp_path))
+    assert "model.layers.0.mlp.experts.7.down_proj.weight" in names
+    assert not any("gate_up_proj" in n for n in names)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "qwen3_next" and cfg["architectures"] == ["Qwen3NextForCausalLM"]
+    assert cfg["rope_parameters"]["partial_rotary_factor"] == 0.25 and "rope_theta" not in cfg
+    assert cfg["dtype"] == "float32" and cfg["mtp_num_hidden_layers"] == 0
+
+
+def test_stacked_layout_matches_hf_layer_index():
+    """HF layer i lives at (r, j) = divmod(i, period) of the stacked blocks, kernels transposed."""
+    src = os.path.join(GOLDEN, "tiny")
+    model, ref = load_hf_checkpoint(src), read_all(src)
+    stack = model.model.layers
+    assert (stack.period, stack.repeats) == (4, 2)
+    for i in range(8):
+        r, j = stack.layer_location(i)
+        blk = stack.blocks[j]
+        np.testing.assert_array_equal(blk.post_attention_layernorm.weight[...][r],
+                                      ref[f"model.layers.{i}.post_attention_layernorm.weight"])
+        np.testing.assert_array_equal(blk.mlp.experts.down_proj[...][r, 5],
+                                      ref[f"model.layers.{i}.mlp.experts.5.down_proj.weight"].T)
+        if i % 4 != 3:
+            np.testing.assert_array_equal(blk.mixer.conv1d.kernel[...][r],
+                                          ref[f"model.layers.{i}.linear_attn.conv1d.weight"][:, 0, :].T)
+        else:
+            np.testing.assert_array_equal(blk.mixer.q_proj.kernel[...][r],
+                                          ref[f"model.layers.{i}.self_attn.q_proj.weight"].T)
+
+
+def test_bf16_round_trip_and_cast(tmp_path):
+    """dtype=bf16 casts; a bf16 checkpoint loads as bf16 with dtype=None and exports bit for bit."""
+    model = load_hf_checkpoint(os.path.join(GOLDEN, "odd"), dtype=jnp.bfloat16)
+    assert {v.dtype for v in params_of(model).values()} == {np.dtype(ml_dtypes.bfloat16)}
+    save_hf_checkpoint(model, tmp_path / "bf16", max_shard_size="40KB")
+    tensors = read_all(tmp_path / "bf16")
+    ref = read_all(os.path.join(GOLDEN, "odd"))
+    for n, t in tensors.items():
+        assert t.dtype == ml_dtypes.bfloat16
+        assert t.tobytes() == ref[n].astype(ml_dtypes.bfloat16).tobytes(), n
+    with open(tmp_path / "bf16" / "config.json") as f:
+        assert json.load(f)["dtype"] == "bfloat16"
+    again = load_hf_checkpoint(tmp_path / "bf16")
+    assert again.model.embed_tokens.embedding.dtype == jnp.bfloat16
+    save_hf_checkpoint(again, tmp_path / "bf16b", max_shard_size="40KB")
+    assert_bit_exact(tmp_path / "bf16", tmp_path / "bf16b")
+
+
+def test_mixed_dtypes_are_kept_per_tensor(tmp_path):
+    """dtype=None keeps every tensor's own dtype (e.g. fp32 A_log in a bf16 checkpoint)."""
+    path = copy_golden("odd", tmp_path)
+
+    def to_bf16_but_alog(t):
+        for n in t:
+            if not n.endswith("A_log"):
+                t[n] = t[n].astype(ml_dtypes.bfloat16)
+    rewrite_single(path, to_bf16_but_alog)
+    model = load_hf_checkpoint(path)
+    assert model.model.layers.blocks[0].mixer.A_log.dtype == jnp.float32
+    assert model.model.layers.blocks[0].mixer.dt_bias.dtype == jnp.bfloat16
+    save_hf_checkpoint(model, tmp_path / "out")
+    assert_bit_exact(path, tmp_path / "out")
+
+
+def test_large_stacked_leaves_assembled_per_repeat(tmp_path, monkeypatch):
+    """The device-side, one-repeat-at-a-time assembly gives the same parameters as the host path."""
+    monkeypatch.setattr(hf_io, "STACK_ON_HOST_BYTES", 0)
+    src = os.path.join(GOLDEN, "tiny")
+    model = load_hf_checkpoint(src)
+    save_hf_checkpoint(model, tmp_path)
+    assert_bit_exact(src, tmp_path)
+
+
+def test_load_onto_a_mesh(tmp_path):
+    from qwen3next_jax.sharding import make_mesh
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (fake) devices")
+    mesh = make_mesh(jax.devices()[:4], fsdp=2, expert=2)
+    src = os.path.join(GOLDEN, "tiny")
+    model = load_hf_checkpoint(src, mesh=mesh)
+    experts = model.model.layers.blocks[0].mlp.experts.gate_proj[...]
+    assert experts.sharding.spec[1] == "expert" and len(experts.sharding.device_set) == 4
+    embed = model.model.embed_tokens.embedding[...]
+    assert embed.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    save_hf_checkpoint(model, tmp_path, max_shard_size="60KB")
+    assert_bit_exact(src, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------- MTP
+
+def test_mtp_weights_loaded_and_depth_inferred():
+    src = os.path.join(GOLDEN, "tiny_mtp")
+    with open(os.path.join(src, "config.json")) as f:
+        assert "mtp_num_hidden_layers" not in json.load(f)  # like the real checkpoint
+    model, ref = load_hf_checkpoint(src), read_all(src)
+    assert model.config.mtp_num_hidden_layers == 1 and len(model.mtp.layers) == 1
+    np.testing.assert_array_equal(model.mtp.fc.kernel[...], ref["mtp.fc.weight"].T)
+    np.testing.assert_array_equal(model.mtp.pre_fc_norm_embedding.weight[...], ref["mtp.pre_fc_norm_embedding.weight"])
+    np.testing.assert_array_equal(model.mtp.norm.weight[...], ref["mtp.norm.weight"])
+    layer = model.mtp.layers[0]
+    np.testing.assert_array_equal(layer.mixer.k_proj.kernel[...], ref["mtp.layers.0.self_attn.k_proj.weight"].T)
+    np.testing.assert_array_equal(layer.mlp.experts.up_proj[...][3], ref["mtp.layers.0.mlp.experts.3.up_proj.weight"].T)
+    # HF-saved checkpoints have no mtp.*: depth 0, no MTP module
+    assert load_hf_checkpoint(os.path.join(GOLDEN, "tiny")).mtp is None
+    assert hf_io.infer_mtp_depth(["mtp.layers.0.x", "mtp.layers.2.y", "model.norm.weight"]) == 3
+
+
+def test_mtp_tensors_against_explicit_zero_depth_are_unexpected(tmp_path):
+    path = copy_golden("tiny_mtp", tmp_path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["mtp_num_hidden_layers"] = 0
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected tensor.*\n.*mtp\.fc\.weight"):
+        load_hf_checkpoint(path)
+
+
+# --------------------------------------------------------------------------------------------------- bad inputs
+
+def test_missing_tensor_is_named(tmp_path):
+    path = copy_golden("odd", tmp_path)
+    rewrite_single(path, lambda t: t.pop("model.layers.2.self_attn.q_norm.weight"))
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_hf_checkpoint(path)
+    assert "1 missing tensor" in str(e.value) and "model.layers.2.self_attn.q_norm.weight" in str(e.value)
+    assert "[24]" in str(e.value)  # expected shape given
+
+
+def test_missing_expert_in_a_shard_is_named(tmp_path):
+    path = copy_golden("tiny", tmp_path)
+    with open(os.path.join(path, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    victim = "model.layers.5.mlp.experts.6.up_proj.weight"
+    shard = os.path.join(path, index["weight_map"].pop(victim))
+    with safe_open(shard, "numpy") as f:
+        tensors = {n: f.get_tensor(n) for n in f.keys() if n != victim}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f)
+    with pytest.raises(CheckpointMismatchError, match=victim.replace(".", r"\.")):
+        load_hf_checkpoint(path)
+
+
+def test_extra_tensor_is_named(tmp_path):
+    path = copy_golden("odd", tmp_path)
+    rewrite_single(path, lambda t: t.__setitem__("model.layers.9.mlp.gate.weight", np.zeros((6, 20), np.float32)))
+    with pytest.raises(CheckpointMismatchError, match=r"1 unexpected tensor.*\n.*model\.layers\.9\.mlp\.gate\.weight"):
+        load_hf_checkpoint(path)
+
+
+def test_wrong_shape_is_named_with_both_shapes(tmp_path):
+    path = copy_golden("odd", tmp_path)
+    rewrite_single(path, lambda t: t.__setitem__("model.layers.0.linear_attn.conv1d.weight",
+                                                 np.zeros((152, 1, 3), np.float32)))
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_hf_checkpoint(path)
+    msg = str(e.value)
+    assert "model.layers.0.linear_attn.conv1d.weight  expected [152, 1, 4], found [152, 1, 3]" in msg
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = copy_golden("odd", tmp_path)
+
+    def edit(t):
+        t.pop("lm_head.weight", None)                         # tied: not there anyway
+        t.pop("model.norm.weight")
+        t["model.layers.1.mlp.experts.0.gate_proj.weight"] = np.zeros((8, 20), np.float32)  # layer 1 is dense
+        t["model.layers.3.linear_attn.A_log"] = np.zeros((5,), np.float32)
+    rewrite_single(path, edit)
+    with pytest.raises(CheckpointMismatchError) as e:
+        load_hf_checkpoint(path)
+    msg = str(e.value)
+    for part in ("model.norm.weight", "model.layers.1.mlp.experts.0.gate_proj.weight",
+                 "model.layers.3.linear_attn.A_log  expected [6], found [5]"):
+        assert part in msg
+    assert isinstance(e.value, ValueError)
+
+
+def test_wrong_model_type(tmp_path):
+    path = copy_golden("odd", tmp_path)
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model_type"] = "llama"
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match=r"config\.json.*model_type 'llama'"):
+        load_hf_checkpoint(path)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_hf_checkpoint(tmp_path)
+    path = copy_golden("tiny", tmp_path)
+    os.remove(os.path.join(path, "model-00002-of-00004.safetensors"))
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00004.safetensors"):
+        load_hf_checkpoint(path)
+
+
+# ------------------------------------------------------------------------------------------------------ configs
+
+def test_config_457_layout_reads_like_5():
+    d = os.path.join(GOLDEN, "config_457")
+    with open(os.path.join(d, "expected.json")) as f:
+        expected = json.load(f)
+    old = Qwen3NextConfig.from_json_file(os.path.join(d, "config.json"))
+    for k, v in expected.items():
+        assert getattr(old, k) == v, k
+    new = hf_io.read_hf_config(os.path.join(GOLDEN, "odd"))  # same model, transformers-5 layout
+    # transformers 5 writes layer_types and no full_attention_interval, so that (math-free) field is not compared
+    assert old.replace(mtp_num_hidden_layers=0, full_attention_interval=new.full_attention_interval) == new
+
+
+def test_config_written_reads_back(tmp_path):
+    for name in ("tiny", "odd"):
+        cfg = hf_io.read_hf_config(os.path.join(GOLDEN, name))
+        for layout in ("5", "4.57"):
+            d = tmp_path / f"{name}_{layout}"
+            d.mkdir()
+            with open(d / "config.json", "w") as f:
+                json.dump(hf_io.hf_config_dict(cfg, "bfloat16", layout), f)
+            assert hf_io.read_hf_config(d) == cfg
+
+
+def test_parse_size():
+    assert hf_io.parse_size("5GB") == 5 * 10**9
+    assert hf_io.parse_size("70KiB") == 70 * 1024
+    assert hf_io.parse_size(123) == 123
+    with pytest.raises(ValueError):
+        hf_io.parse_size("lots")
+
+
+# ---------------------------------------------------------------------------------------------------- converter
+
+def test_convert_cli_both_directions(tmp_path, capsys):
+    src = os.path.join(GOLDEN, "tiny_mtp")
+    assert convert.main(["hf-to-orbax", "--hf", src, "--out", str(tmp_path / "orb")]) == 0
+    assert os.path.isdir(tmp_path / "orb" / "params") and os.path.exists(tmp_path / "orb" / "config.json")
+    assert convert.main(["orbax-to-hf", "--orbax", str(tmp_path / "orb"), "--out", str(tmp_path / "hf"),
+                         "--max-shard-size", "50KB"]) == 0
+    assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    assert_bit_exact(src, tmp_path / "hf")
+    # bf16 on the way in
+    assert convert.main(["hf-to-orbax", "--hf", src, "--out", str(tmp_path / "orb16"), "--dtype", "bf16",
+                         "--no-progress"]) == 0
+    m = convert.load_orbax_params(tmp_path / "orb16")
+    assert m.mtp.fc.kernel.dtype == jnp.bfloat16
+
+
+def test_convert_as_a_subprocess(tmp_path):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu")
+    src = os.path.join(GOLDEN, "odd")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "qwen3next_jax.convert", *a], env=env, cwd=ROOT,
+                                    capture_output=True, text=True, timeout=300)
+    r = run("hf-to-orbax", "--hf", src, "--out", str(tmp_path / "orb"))
+    assert r.returncode == 0, r.stderr
+    r = run("orbax-to-hf", "--orbax", str(tmp_path / "orb"), "--out", str(tmp_path / "hf"))
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stderr
+    assert_bit_exact(src, tmp_path / "hf")
+
+
+# ------------------------------------------------------------------------------------------------- transformers
+
+def _torch_python():
+    """An interpreter with torch + transformers: this one, $QWEN3NEXT_TORCH_PYTHON, or `python3` on PATH."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+        return sys.executable
+    except ImportError:
+        pass
+    for cand in (os.environ.get("QWEN3NEXT_TORCH_PYTHON"), shutil.which("python3")):
+        if cand and subprocess.run([cand, "-c", "import torch, transformers; transformers.Qwen3NextForCausalLM"],
+                                   capture_output=True, timeout=120).returncode == 0:
+            return cand
+    return None
+
+
+_HF_RUN = r"""
+import sys, numpy as np, torch
+from transformers import Qwen3NextForCausalLM
+root, ids_file, *names = sys.argv[1:]
+ids = torch.from_numpy(np.load(ids_file))
+for name in names:
+    model, info = Qwen3NextForCausalLM.from_pretrained(f"{root}/{name}", dtype=torch.float32,
+                                                       attn_implementation="eager", output_loading_info=True)
+    bad = {k: v for k, v in info.items() if v and k != "unexpected_keys"}
+    unexpected = [k for k in info.get("unexpected_keys", []) if not k.startswith("mtp.")]
+    assert not bad and not unexpected, (name, bad, unexpected)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    np.save(f"{root}/{name}.logits.npy", logits.float().numpy())
+"""
+
+
+@pytest.mark.torch
+def test_transformers_loads_our_export(tmp_path):
+    """Export models that are NOT the goldens (perturbed weights; one with MTP, one tied with biases and a dense
+    layer), load them with transformers' Qwen3NextForCausalLM, and compare its logits with ours."""
+    python = _torch_python()
+    if python is None:
+        pytest.skip("torch + transformers not installed")
+    ids = np.asarray(jax.random.randint(jax.random.key(3), (2, 70), 0, 300), np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    ours = {}
+    for k, name in enumerate(["tiny_mtp", "odd"]):
+        model = load_hf_checkpoint(os.path.join(GOLDEN, name))
+        state = nnx.state(model)
+        keys = iter(jax.random.split(jax.random.key(7 + k), 1000))
+        state = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(next(keys), a.shape, a.dtype), state)
+        nnx.update(model, state)
+        save_hf_checkpoint(model, tmp_path / name, max_shard_size="100KB")
+        ours[name] = np.asarray(nnx.jit(lambda m, x: m(x))(model, jnp.asarray(ids)))
+    r = subprocess.run([python, "-c", _HF_RUN, str(tmp_path), str(tmp_path / "ids.npy"), "tiny_mtp", "odd"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name, logits in ours.items():
+        theirs = np.load(tmp_path / f"{name}.logits.npy")
+        err = np.abs(logits - theirs).max() / np.abs(theirs).max()
+        assert err < 1e-4, (name, err)
