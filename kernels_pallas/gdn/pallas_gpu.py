@@ -24,6 +24,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -33,6 +34,7 @@ LOG2E = math.log2(math.e)
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 EPS = 1e-6
+GAMW = 32  # per-chunk state decay is stored in 128-byte rows (TMA destinations in SMEM must be 128-byte aligned)
 
 WGMMA = plgpu.Layout.WGMMA
 ROWS = plgpu.Layout.WGMMA.reduce(1)
@@ -170,6 +172,7 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
             plgpu.commit_smem()
             x = _mm([(x.astype(dt), p_s)], (C, C), init=x)    # X (I + N^(2^(s+1)))
         m16 = x.astype(dt)
+        nm16 = (x * -1.0).astype(dt)
 
         ci = plgpu.load(cin_r, (), layout=ROWS)
         ti = plgpu.load(tail_r, (), layout=ROWS)
@@ -178,7 +181,7 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
         v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
         plgpu.commit_smem()
-        w = _mm([(m16, bk_s)], (C, K))
+        w = _mm([(nm16, bk_s)], (C, K))   # -w: the state kernels only ever accumulate
         u = _mm([(m16, v_s)], (C, V))
         w_o[...] = w.astype(dt)
         u_o[...] = u.astype(dt)
@@ -209,17 +212,20 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
 # --------------------------------------------------------------------------------------------------------------------
 # state kernel: sequential over chunks
 
-def _state(w, u, att, qd, kd, gam, h0, *, T, out_dtype, bv=64):
-    B, HV, Tp, K = w.shape
+def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
+    """Forward state pass; returns o [B, Tp, HV, V] (out_dtype), final state fp32 and, with store_h, the state
+    entering every chunk [B, HV, NC, K, V] (bf16)."""
+    B, HV, Tp, K = nw.shape
     V = u.shape[-1]
     NC = Tp // C
-    NCp = gam.shape[-1]
     NV = V // bv
-    dt = w.dtype
+    dt = nw.dtype
     ST = 2  # pipeline stages
 
-    def body(w_ref, u_ref, a_ref, qd_ref, kd_ref, gam_ref, h0_ref, o_ref, ht_ref,
-             w_s, u_s, a_s, qd_s, kd_s, s_s, vn_s, o_s, st_s, gam_s, in_bar, bar):
+    def body(w_ref, u_ref, a_ref, qd_ref, kd_ref, gam_ref, h0_ref, o_ref, ht_ref, *rest):
+        if store_h:
+            h_ref, *rest = rest
+        w_s, u_s, a_s, qd_s, kd_s, gam_s, s_s, vn_s, o_s, st_s, in_bar, bar = rest
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         iv = lax.axis_index("v")
@@ -233,9 +239,9 @@ def _state(w, u, att, qd, kd, gam, h0, *, T, out_dtype, bv=64):
             plgpu.copy_gmem_to_smem(a_ref.at[b, hv, rows], a_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(qd_ref.at[b, hv, rows], qd_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(kd_ref.at[b, hv, rows], kd_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
 
         issue(0, 0)
-        plgpu.copy_gmem_to_smem(gam_ref.at[b, hv], gam_s, bar)
         plgpu.copy_gmem_to_smem(h0_ref.at[b, hv, :, cols], st_s, bar)
         plgpu.barrier_wait(bar)
         s0 = plgpu.load(st_s, (), layout=WGMMA)
@@ -248,21 +254,20 @@ def _state(w, u, att, qd, kd, gam, h0, *, T, out_dtype, bv=64):
                 issue(n + 1, lax.rem(n + 1, ST))
 
             plgpu.barrier_wait(in_bar.at[slot])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # s_s / o_s of the last chunk were sent
             s_s[...] = s.astype(dt)
             plgpu.commit_smem()
-            ws = _mm([(w_s.at[slot], s_s)], (C, bv))
+            if store_h:
+                plgpu.copy_smem_to_gmem(s_s, h_ref.at[b, hv, n, :, cols])
             uf = plgpu.load(u_s.at[slot], (), layout=WGMMA).astype(F32)
-            vn_s[...] = (uf - ws).astype(dt)
+            vn = _mm([(w_s.at[slot], s_s)], (C, bv), init=uf)            # u - w S
+            vn_s[...] = vn.astype(dt)
             plgpu.commit_smem()
             o = _mm([(qd_s.at[slot], s_s), (a_s.at[slot], vn_s)], (C, bv))
-            s = _mm([(kd_s.at[slot].T, vn_s)], (K, bv), init=s * gam_s[n])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            s = _mm([(kd_s.at[slot].T, vn_s)], (K, bv), init=s * gam_s[slot, 0])
             o_s[...] = o.astype(out_dtype)
             plgpu.commit_smem()
-
-            @pl.when(n * C < T)
-            def _():
-                plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), hv, cols])
+            plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), hv, cols])
             return s
 
         s = lax.fori_loop(0, NC, step, s0)
@@ -272,14 +277,83 @@ def _state(w, u, att, qd, kd, gam, h0, *, T, out_dtype, bv=64):
         plgpu.wait_smem_to_gmem(0)
 
     scratch = [_smem((ST, C, K), dt), _smem((ST, C, bv), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
-               _smem((ST, C, K), dt), _smem((K, bv), dt), _smem((C, bv), dt), _smem((C, bv), out_dtype),
-               plgpu.SMEM((K, bv), F32), plgpu.SMEM((NCp,), F32),
-               plgpu.Barrier(num_arrivals=5, num_barriers=ST), plgpu.Barrier(num_arrivals=2)]
-    # o is padded to a multiple of C in time by the caller
+               _smem((ST, C, K), dt), plgpu.SMEM((ST, GAMW), F32),
+               _smem((K, bv), dt), _smem((C, bv), dt), _smem((C, bv), out_dtype),
+               plgpu.SMEM((K, bv), F32),
+               plgpu.Barrier(num_arrivals=6, num_barriers=ST), plgpu.Barrier(num_arrivals=1)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), out_dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
+    if store_h:
+        out_type.append(jax.ShapeDtypeStruct((B, HV, NC, K, V), dt))
     f = _kernel(body, name="gdn_state", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
-    return f(w, u, att, qd, kd, gam, h0)
+    return f(nw, u, att, qd, kd, gam, h0)
+
+
+def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64):
+    """Reverse state pass: the gradient of the state leaving every chunk, dS' [B, HV, NC, K, V] (bf16), and of the
+    initial state (fp32). Per chunk (reverse): dv_new = P^T do + kd dS'; dS = gam dS' + qd^T do - w^T dv_new."""
+    B, HV, Tp, K = nw.shape
+    V = do.shape[-1]
+    NC = Tp // C
+    NV = V // bv
+    dt = nw.dtype
+    ST = 2
+
+    def body(do_ref, w_ref, a_ref, qd_ref, kd_ref, gam_ref, dht_ref, dsp_ref, dh0_ref,
+             do_s, w_s, a_s, qd_s, kd_s, gam_s, ds_s, dvn_s, st_s, in_bar, bar):
+        b = lax.axis_index("b")
+        hv = lax.axis_index("h")
+        iv = lax.axis_index("v")
+        cols = pl.ds(iv * bv, bv)
+
+        def issue(n, slot):
+            rows = pl.ds(n * C, C)
+            bb = in_bar.at[slot]
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv, cols], do_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(w_ref.at[b, hv, rows], w_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(a_ref.at[b, hv, rows], a_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(qd_ref.at[b, hv, rows], qd_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(kd_ref.at[b, hv, rows], kd_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
+
+        issue(NC - 1, 0)
+        plgpu.copy_gmem_to_smem(dht_ref.at[b, hv, :, cols], st_s, bar)
+        plgpu.barrier_wait(bar)
+        d0 = plgpu.load(st_s, (), layout=WGMMA)
+
+        def step(i, ds):
+            n = NC - 1 - i
+            slot = lax.rem(i, ST)
+
+            @pl.when(n > 0)
+            def _():
+                issue(n - 1, lax.rem(i + 1, ST))
+
+            plgpu.barrier_wait(in_bar.at[slot])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            ds_s[...] = ds.astype(dt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ds_s, dsp_ref.at[b, hv, n, :, cols])
+            dvn = _mm([(a_s.at[slot].T, do_s.at[slot]), (kd_s.at[slot], ds_s)], (C, bv))
+            dvn_s[...] = dvn.astype(dt)
+            plgpu.commit_smem()
+            return _mm([(qd_s.at[slot].T, do_s.at[slot]), (w_s.at[slot].T, dvn_s)], (K, bv),
+                       init=ds * gam_s[slot, 0])
+
+        ds = lax.fori_loop(0, NC, step, d0)
+        st_s[...] = ds
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(st_s, dh0_ref.at[b, hv, :, cols])
+        plgpu.wait_smem_to_gmem(0)
+
+    scratch = [_smem((ST, C, bv), dt), _smem((ST, C, K), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
+               _smem((ST, C, K), dt), plgpu.SMEM((ST, GAMW), F32),
+               _smem((K, bv), dt), _smem((C, bv), dt), plgpu.SMEM((K, bv), F32),
+               plgpu.Barrier(num_arrivals=6, num_barriers=ST), plgpu.Barrier(num_arrivals=1)]
+    out_type = [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
+    f = _kernel(body, name="gdn_state_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
+                grid_names=("b", "h", "v"))
+    return f(do, nw, att, qd, kd, gam, dht)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -307,20 +381,29 @@ def _gate_prep(g, beta, segment_ids, B, T, HV, pad):
     gam = jnp.exp2(gc[:, :, -1, :]) * cin[:, :, -1:]                      # [B, NC, HV]
     gc_h = gc.reshape(B, Tp, HV).transpose(0, 2, 1)
     b_h = bf.transpose(0, 2, 1)
-    gam = jnp.pad(gam.transpose(0, 2, 1), ((0, 0), (0, 0), (0, (-NC) % 4)))   # 16-byte TMA strides
+    gam = jnp.broadcast_to(gam.transpose(0, 2, 1)[..., None], (B, HV, NC, GAMW))   # 128-byte rows: TMA alignment
     return gc_h, b_h, runs.reshape(B, Tp).astype(F32), cin.reshape(B, Tp), tail.reshape(B, Tp), gam
 
 
-def _forward(q, k, v, g, beta, initial_state, segment_ids, use_qk_l2norm, scale):
+def _pad_t(x, pad):
+    return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
+
+
+def _intermediates(q, k, v, g, beta, segment_ids, use_qk_l2norm, scale):
     B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
+    HV = v.shape[2]
     pad = (-T) % C
-    padt = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) if pad else x
     gc, bt, run, cin, tail, gam = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
-    w, u, att, qd, kd = _prep(padt(q), padt(k), padt(v), gc, bt, run, cin, tail, scale=scale, l2norm=use_qk_l2norm)
-    h0 = jnp.zeros((B, HV, K, V), F32) if initial_state is None else initial_state.astype(F32)
-    o, ht = _state(w, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype)
-    return o[:, :T], ht
+    nw, u, att, qd, kd = _prep(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), gc, bt, run, cin, tail,
+                               scale=scale, l2norm=use_qk_l2norm)
+    return nw, u, att, qd, kd, gam
+
+
+def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, store_h=False):
+    T = q.shape[1]
+    nw, u, att, qd, kd, gam = _intermediates(q, k, v, g, beta, segment_ids, use_qk_l2norm, scale)
+    outs = _state(nw, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype, store_h=store_h)
+    return (outs[0][:, :T],) + tuple(outs[1:])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -388,6 +471,56 @@ def _chunked_jax(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
     return o, s
 
 
+def _chunk_parallel(q, k, v, g, beta, hc, segment_ids, use_qk_l2norm, scale):
+    """Every chunk at once given the state entering it (hc [B, HV, NC, K, V], a constant here): o [B, T, HV, V] and
+    the state leaving every chunk [B, HV, NC, K, V], fp32, differentiable in q, k, v, g, beta. The backward pass
+    takes its VJP with the state-leaving cotangents from the reverse state kernel."""
+    B, T, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    r = HV // H
+    pad = (-T) % C
+    Tp = T + pad
+    NC = Tp // C
+    qf, kf = q.astype(F32), k.astype(F32)
+    if use_qk_l2norm:
+        qf, kf = _l2n(qf), _l2n(kf)
+    qf = qf * scale
+    qf, kf = jnp.repeat(qf, r, axis=2), jnp.repeat(kf, r, axis=2)
+    qf, kf, vf, gf, bf = [_pad_t(x, pad) for x in (qf, kf, v.astype(F32), g.astype(F32), beta.astype(F32))]
+    ch = lambda x: x.reshape(B, NC, C, HV, -1).transpose(0, 3, 1, 2, 4)     # [B, HV, NC, C, D]
+    qc, kc, vc = ch(qf), ch(kf), ch(vf)
+    gc = jnp.cumsum(gf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2), -1)      # [B, HV, NC, C]
+    bc = bf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2)
+    runs = jnp.pad(_runs(segment_ids, B, T), ((0, 0), (0, pad)), mode="edge").reshape(B, NC, C)
+    entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)
+    cin = (runs == entering).astype(F32)[:, None]
+    tail = (runs == runs[:, :, -1:]).astype(F32)[:, None]
+    same = (runs[..., :, None] == runs[..., None, :])[:, None]
+    ii = jnp.arange(C)[:, None]
+    jj = jnp.arange(C)[None, :]
+    strict = (ii > jj) & same
+    incl = (ii >= jj) & same
+    diff = gc[..., :, None] - gc[..., None, :]
+    dec_s = jnp.exp(jnp.where(strict, diff, -jnp.inf))
+    dec_i = jnp.exp(jnp.where(incl, diff, -jnp.inf))
+    A = jnp.einsum("...ik,...jk->...ij", kc, kc) * bc[..., :, None] * dec_s
+    eye = jnp.eye(C, dtype=F32)
+    Gm = jnp.exp(gc)
+    rhs = jnp.concatenate([kc * (bc * Gm * cin)[..., None], vc * bc[..., None]], -1)
+    wu = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
+    w, u = wu[..., :K], wu[..., K:]
+    P = jnp.einsum("...ik,...jk->...ij", qc, kc) * dec_i
+    qd = qc * (Gm * cin)[..., None]
+    kd = kc * (jnp.exp(gc[..., -1:] - gc) * tail)[..., None]
+    gam = jnp.exp(gc[..., -1]) * cin[..., -1]
+    S = lax.stop_gradient(hc.astype(F32))
+    vn = u - jnp.einsum("...ck,...kv->...cv", w, S)
+    o = jnp.einsum("...ck,...kv->...cv", qd, S) + jnp.einsum("...cj,...jv->...cv", P, vn)
+    s_out = S * gam[..., None, None] + jnp.einsum("...ck,...cv->...kv", kd, vn)
+    o = o.transpose(0, 2, 3, 1, 4).reshape(B, Tp, HV, V)[:, :T]
+    return o, s_out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # public entry
 
@@ -397,21 +530,25 @@ def _gdn(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
 
 
 def _gdn_fwd(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
-    out = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale)
-    return out, (q, k, v, g, beta, h0, segment_ids)
+    o, ht, hc = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, store_h=True)
+    return (o, ht), (q, k, v, g, beta, hc, segment_ids)
 
 
 def _bwd(use_qk_l2norm, scale, res, cts):
-    q, k, v, g, beta, h0, segment_ids = res
+    """Reverse state pass on the GPU (Mosaic kernel), then the chunk-local gradients of every chunk at once (XLA)."""
+    q, k, v, g, beta, hc, segment_ids = res
     do, dht = cts
+    T = q.shape[1]
+    pad = (-T) % C
+    nw, u, att, qd, kd, gam = _intermediates(q, k, v, g, beta, segment_ids, use_qk_l2norm, scale)
+    dsp, dh0 = _state_bwd(_pad_t(do.astype(v.dtype), pad), nw, att, qd, kd, gam, dht.astype(F32))
 
-    def f(q, k, v, g, beta, h0):
-        o, s = _chunked_jax(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale)
-        return o.astype(v.dtype), s
+    def f(q, k, v, g, beta):
+        return _chunk_parallel(q, k, v, g, beta, hc, segment_ids, use_qk_l2norm, scale)
 
-    _, vjp = jax.vjp(f, q, k, v, g, beta, h0)
-    dq, dk, dv, dg, db, dh0 = vjp((do, dht))
-    dseg = None if segment_ids is None else jnp.zeros(segment_ids.shape, jax.dtypes.float0)
+    _, vjp = jax.vjp(f, q, k, v, g, beta)
+    dq, dk, dv, dg, db = vjp((do.astype(F32), dsp.astype(F32)))
+    dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
     return dq, dk, dv, dg, db, dh0, dseg
 
 
