@@ -463,9 +463,12 @@ class _LeafFetcher:
         self.values = {p: (v.get_value() if hasattr(v, "get_value") else v.value)
                        for p, v in nnx.to_flat_state(nnx.state(model))}
         self._key, self._host = None, None
+        self.fetches = 0
 
     def get(self, spec: LeafSpec, r: int) -> np.ndarray:
         if self._key != (spec.path, r):
+            self.fetches += 1
+            self._host = None  # drop the previous one before fetching the next
             arr = self.values[spec.path]
             part = arr[r] if spec.stacked else arr
             if isinstance(part, jax.Array) and not part.is_fully_addressable:
@@ -483,12 +486,14 @@ def save_hf_checkpoint(model, path: str | os.PathLike, max_shard_size: int | str
     path = os.fspath(path)
     limit = parse_size(max_shard_size)
     specs = leaf_specs(model)
-    entries = []  # (hf name, spec, r, e, nbytes)
+    entries = []  # (hf name, spec, r, e, nbytes), in checkpoint order with each (leaf, repeat) contiguous
     for spec in specs:
         itemsize = np.dtype(spec.dtype).itemsize
         for r, e, name in spec.slots():
             entries.append((name, spec, r, e, math.prod(spec.hf_shape) * itemsize))
-    entries.sort(key=lambda t: _hf_order(t[0]))
+    # Sort by the (leaf, repeat)'s first name, then expert: the experts of one leaf of one layer stay together, so
+    # each (leaf, repeat) is fetched from the device once.
+    entries.sort(key=lambda t: (_hf_order(t[1].hf_names[t[2]][0]), t[3]))
     shards, current, size = [], [], 0
     for entry in entries:
         if current and size + entry[4] > limit:
