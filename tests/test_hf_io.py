@@ -165,10 +165,13 @@ def test_large_stacked_leaves_assembled_per_repeat(tmp_path, monkeypatch):
     assert_bit_exact(src, tmp_path)
 
 
-def test_load_onto_a_mesh(tmp_path):
+@pytest.mark.parametrize("per_repeat", [False, True])
+def test_load_onto_a_mesh(tmp_path, monkeypatch, per_repeat):
     from qwen3next_jax.sharding import make_mesh
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 (fake) devices")
+    if per_repeat:
+        monkeypatch.setattr(hf_io, "STACK_ON_HOST_BYTES", 0)
     mesh = make_mesh(jax.devices()[:4], fsdp=2, expert=2)
     src = os.path.join(GOLDEN, "tiny")
     model = load_hf_checkpoint(src, mesh=mesh)
@@ -339,6 +342,22 @@ def test_convert_cli_both_directions(tmp_path, capsys):
                          "--no-progress"]) == 0
     m = convert.load_orbax_params(tmp_path / "orb16")
     assert m.mtp.fc.kernel.dtype == jnp.bfloat16
+
+
+def test_orbax_params_restore_onto_a_mesh(tmp_path):
+    from qwen3next_jax.sharding import make_mesh
+    if len(jax.devices()) < 4:
+        pytest.skip("needs 4 (fake) devices")
+    src = os.path.join(GOLDEN, "tiny")
+    model = load_hf_checkpoint(src)
+    convert.save_orbax_params(model, tmp_path / "orb")
+    mesh = make_mesh(jax.devices()[:4], fsdp=2, expert=2)
+    again = convert.load_orbax_params(tmp_path / "orb", mesh=mesh)
+    experts = again.model.layers.blocks[1].mlp.experts.down_proj[...]
+    assert experts.sharding.spec[1] == "expert" and len(experts.sharding.device_set) == 4
+    p, q = params_of(model), params_of(again)
+    assert sorted(p) == sorted(q) and all(p[k].tobytes() == q[k].tobytes() for k in p)
+    assert again.config == model.config
 
 
 def test_convert_as_a_subprocess(tmp_path):
