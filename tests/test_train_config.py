@@ -1,0 +1,66 @@
+"""The trainer's config: one schema filled from YAML, gin and the command line; bad keys and values are named."""
+import pytest
+
+from train.config import ConfigError, load_config
+from train.__main__ import main
+
+
+def test_defaults_presets_and_precedence(tmp_path):
+    cfg = load_config()
+    assert cfg.model.hidden_size == 128 and cfg.data.tokenizer == "bytes"  # the CPU default: the tiny preset
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("model:\n  preset: bench-1p3b\n  num_hidden_layers: 4\ndata:\n  seq_len: 64\n")
+    gin_file = tmp_path / "c.gin"
+    gin_file.write_text("data.seq_len = 96\noptim.lr = 1e-4\n")
+    cfg = load_config(str(yaml_file), ["optim.lr=2e-4", "optim.decay=linear"], [str(gin_file)])
+    assert cfg.model.hidden_size == 1024 and cfg.model.num_hidden_layers == 4  # preset, then its override
+    assert len(cfg.model.layer_types) == 4
+    assert cfg.data.seq_len == 96  # gin over YAML
+    assert cfg.optim.lr == 2e-4 and cfg.optim.decay == "linear"  # command line over gin
+    assert load_config(None, ["data.sources=a.txt,b.jsonl"]).data.sources == ["a.txt", "b.jsonl"]
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=8"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.seqlen=64", "unknown config key data.seqlen (did you mean 'seq_len'?)"),
+    ("model.hiden_size=64", "unknown config key model.hiden_size (did you mean 'hidden_size'?)"),
+    ("optimm.lr=1", "unknown config section 'optimm' in 'optimm.lr' (did you mean 'optim'?)"),
+    ("optim.lr=fast", "optim.lr: expected float, got 'fast'"),
+    ("data.seq_len=1.5", "data.seq_len: expected int, got 1.5"),
+    ("optim.decay=cos", "optim.decay: 'cos' is not one of ['cosine', 'linear', 'constant']"),
+    ("steps=10", "unknown config section 'steps'"),
+])
+def test_bad_override_is_named(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_bad_yaml_and_gin_keys_are_named(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim:\n  warmup_step: 3\n")
+    with pytest.raises(ConfigError, match=r"optim.warmup_step \(did you mean 'warmup_steps'\?\)"):
+        load_config(str(bad_yaml))
+    bad_gin = tmp_path / "bad.gin"
+    bad_gin.write_text("checkpoint.evry = 3\n")
+    with pytest.raises(ConfigError, match=r"checkpoint.evry \(did you mean 'every'\?\)"):
+        load_config(None, [], [str(bad_gin)])
+
+
+def test_cli_reports_config_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--config", "configs/tiny.yaml", "train.stesp=3"])
+    assert e.value.code == 2
+    assert "unknown config key train.stesp (did you mean 'steps'?)" in capsys.readouterr().err
+
+
+def test_shipped_configs_load():
+    for name in ("tiny", "smoke", "bench-1p3b", "qwen3-next-80b-a3b"):
+        load_config(f"configs/{name}.yaml")
+    load_config(None, [], ["configs/tiny.gin"])
