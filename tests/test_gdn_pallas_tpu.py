@@ -87,10 +87,10 @@ def test_packed_documents(decay):
     check_against_reference(x, segments_from_lengths(PACKED))
 
 
-def test_lane_major_head_dims():
-    """K = V = 128 takes the free [B, T, heads * D] view instead of the head-major transpose; K != V too."""
-    check_against_reference(make_inputs(3, 80, ratio=2, K=128, V=128, init=True))
-    check_against_reference(make_inputs(4, 40, ratio=1, K=128, V=64, init=True))
+@pytest.mark.parametrize("T,ratio,K,V", [(80, 2, 128, 128), (40, 1, 128, 64), (30, 1, 256, 256)])
+def test_head_dims(T, ratio, K, V):
+    """D = 128, 256 take the free [B, T, heads * D] view instead of the head-major transpose (D = 64); K != V."""
+    check_against_reference(make_inputs(T, T, ratio=ratio, K=K, V=V, init=True))
 
 
 def test_without_l2norm_and_custom_scale():
@@ -159,6 +159,11 @@ def test_aot_compiles_for_tpu_at_qwen3_next_shapes(topology):
     assert memory.temp_size_in_bytes < 1 << 30
 
 
-def test_aot_compiles_for_tpu_head_major_fp32():
-    """D = 64 (head-major layout), fp32 (HIGHEST dots), GVA 2, a length that is not a multiple of the chunk."""
-    compile_for_tpu("v5p:2x2x1", B_per_chip=1, T=200, H=2, HV=4, K=64, V=64, dtype=jnp.float32)
+@pytest.mark.parametrize("topology,K,V,dtype", [
+    ("v5p:2x2x1", 64, 64, jnp.float32),  # head-major layout, HIGHEST dots
+    ("v6e:2x2", 256, 256, jnp.bfloat16),
+    ("v6e:2x2", 128, 64, jnp.float32),
+])
+def test_aot_compiles_for_tpu_other_head_dims(topology, K, V, dtype):
+    """GVA 2 and a length that is not a multiple of the chunk."""
+    compile_for_tpu(topology, B_per_chip=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype)
