@@ -93,6 +93,12 @@ def test_head_dims(T, ratio, K, V):
     check_against_reference(make_inputs(T, T, ratio=ratio, K=K, V=V, init=True))
 
 
+@pytest.mark.parametrize("chunk_size", [32, 128])
+def test_other_chunk_sizes(chunk_size):
+    x = make_inputs(8, sum(PACKED), ratio=2, decay=0.3, init=True)
+    check_against_reference(x, segments_from_lengths(PACKED), options=(("chunk_size", chunk_size),))
+
+
 def test_without_l2norm_and_custom_scale():
     x = make_inputs(5, 90, ratio=2, init=True)
     # Unnormalised keys of norm ~8 would make the recurrence blow up: feed (nearly) unit vectors instead.
@@ -109,7 +115,9 @@ def test_bf16():
 def test_supports():
     x = make_inputs(0, 8, ratio=2)
     assert pallas_tpu.supports(**x)
-    assert not pallas_tpu.supports(**x, chunk_size=32)
+    assert not pallas_tpu.supports(**x, chunk_size=16)
+    with pytest.raises(ValueError, match="power of two"):
+        pallas_tpu.gated_delta_rule(**x, chunk_size=48)
     assert not pallas_tpu.supports(**make_inputs(0, 8, K=32))
     assert not pallas_tpu.supports(**{**x, "v": x["v"].astype(jnp.bfloat16)})
 
@@ -122,7 +130,7 @@ def test_supports():
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 
-def compile_for_tpu(topology, B_per_chip, T, H, HV, K, V, dtype):
+def compile_for_tpu(topology, B_per_chip, T, H, HV, K, V, dtype, chunk_size=64):
     pytest.importorskip("libtpu")
     from jax.experimental import topologies
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -133,7 +141,7 @@ def compile_for_tpu(topology, B_per_chip, T, H, HV, K, V, dtype):
 
     def loss(q, k, v, g, beta, h0, segment_ids):
         o, state = pallas_tpu.gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=segment_ids,
-                                               interpret=False)
+                                               chunk_size=chunk_size, interpret=False)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(state**2)
 
     def step(*args):  # per chip: the loss and the gradients of every float input
@@ -159,11 +167,12 @@ def test_aot_compiles_for_tpu_at_qwen3_next_shapes(topology):
     assert memory.temp_size_in_bytes < 1 << 30
 
 
-@pytest.mark.parametrize("topology,K,V,dtype", [
-    ("v5p:2x2x1", 64, 64, jnp.float32),  # head-major layout, HIGHEST dots
-    ("v6e:2x2", 256, 256, jnp.bfloat16),
-    ("v6e:2x2", 128, 64, jnp.float32),
+@pytest.mark.parametrize("topology,K,V,dtype,chunk_size", [
+    ("v5p:2x2x1", 64, 64, jnp.float32, 64),  # head-major layout, HIGHEST dots
+    ("v6e:2x2", 256, 256, jnp.bfloat16, 64),
+    ("v6e:2x2", 128, 64, jnp.float32, 32),
+    ("v5p:2x2x1", 128, 128, jnp.bfloat16, 128),
 ])
-def test_aot_compiles_for_tpu_other_head_dims(topology, K, V, dtype):
+def test_aot_compiles_for_tpu_other_shapes(topology, K, V, dtype, chunk_size):
     """GVA 2 and a length that is not a multiple of the chunk."""
-    compile_for_tpu(topology, B_per_chip=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype)
+    compile_for_tpu(topology, B_per_chip=1, T=200, H=2, HV=4, K=K, V=V, dtype=dtype, chunk_size=chunk_size)

@@ -442,13 +442,14 @@ _gdn.defvjp(_gdn_fwd, _gdn_bwd)
 # Public interface (see kernels_pallas/gdn/dispatch.py)
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-SUPPORTED_CHUNKS = (64,)
+SUPPORTED_CHUNKS = (32, 64, 128)
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
 
 
 def supports(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
              chunk_size=64):
-    """True for the calls the tests cover: head dims 64/128/256, chunk 64, fp32 or bf16 q/k/v of one dtype."""
+    """True for the calls the tests cover: head dims 64/128/256, chunk 32/64/128, fp32 or bf16 q/k/v of one
+    dtype."""
     del g, beta, initial_state, segment_ids, use_qk_l2norm, scale
     return (q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] in SUPPORTED_HEAD_DIMS
             and chunk_size in SUPPORTED_CHUNKS
@@ -461,6 +462,9 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, 
     default True off TPU (CPU tests). Pass False to lower for TPU from a CPU host (AOT compilation)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
+    blocks = chunk_size // INVERSE_BLOCK
+    if chunk_size % INVERSE_BLOCK or blocks & (blocks - 1):
+        raise ValueError(f"chunk_size must be {INVERSE_BLOCK} times a power of two; got {chunk_size}")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     fp32 = v.dtype == jnp.float32
