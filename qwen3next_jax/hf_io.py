@@ -24,12 +24,12 @@ import json
 import math
 import os
 import re
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes  # noqa: F401  (registers bfloat16 & co. with numpy)
+import ml_dtypes
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
