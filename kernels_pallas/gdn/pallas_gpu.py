@@ -73,10 +73,13 @@ def _mm(pairs, shape, init=None):
     """``init + sum(a @ b)`` on the tensor cores; waited, then passed through an optimization barrier so no
     arithmetic on the result is scheduled before the wgmma wait."""
     if _INTERPRET is not None:  # the GPU interpreter lacks run_state(ACC.init) and register A operands
-        if any(not hasattr(a, "shape") or isinstance(a, jax.Array) or not hasattr(a, "at") for a, _ in pairs):
-            out = sum(jnp.dot(a.astype(F32), b[...].astype(F32)) for a, b in pairs)
-        else:
-            out = _mm_scoped(pairs, shape)
+        out = None
+        for a, b in pairs:
+            try:
+                t = jnp.dot(a.astype(F32), b[...].astype(F32))
+            except AttributeError:
+                t = _mm_scoped([(a, b)], shape)
+            out = t if out is None else out + t
         return out if init is None else init + out
     if init is None:
         def scoped(acc):
@@ -224,7 +227,7 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
 
     def body(w_ref, u_ref, a_ref, qd_ref, kd_ref, gam_ref, h0_ref, o_ref, ht_ref, *rest):
         if store_h:
-            h_ref, *rest = rest
+            h_ref, vn_ref, *rest = rest
         w_s, u_s, a_s, qd_s, kd_s, gam_s, s_s, vn_s, o_s, st_s, in_bar, bar = rest
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
@@ -263,6 +266,8 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
             vn = _mm([(w_s.at[slot], s_s)], (C, bv), init=uf)            # u - w S
             vn_s[...] = vn.astype(dt)
             plgpu.commit_smem()
+            if store_h:
+                plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[b, hv, pl.ds(n * C, C), cols])
             o = _mm([(qd_s.at[slot], s_s), (a_s.at[slot], vn_s)], (C, bv))
             s = _mm([(kd_s.at[slot].T, vn_s)], (K, bv), init=s * gam_s[slot, 0])
             o_s[...] = o.astype(out_dtype)
@@ -283,7 +288,7 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
                plgpu.Barrier(num_arrivals=6, num_barriers=ST), plgpu.Barrier(num_arrivals=1)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), out_dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
     if store_h:
-        out_type.append(jax.ShapeDtypeStruct((B, HV, NC, K, V), dt))
+        out_type += [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt)]
     f = _kernel(body, name="gdn_state", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
     return f(nw, u, att, qd, kd, gam, h0)
@@ -354,6 +359,176 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64):
     f = _kernel(body, name="gdn_state_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
     return f(do, nw, att, qd, kd, gam, dht)
+
+
+def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2norm):
+    """Chunk-local gradients, one CTA per (b, hv, chunk), given the state entering the chunk (hc), the gradient of
+    the state leaving it (dsp) and v_new (vn). Recomputes the normalised q/k, A, P and M = (I + A)^-1 and returns
+    dq, dk (per value head, [B, Tp, HV, K] bf16), dv [B, Tp, HV, V], dbeta [B, HV, Tp], the gate gradient pieces
+    dg_row, dg_col, rkd ([B, HV, Tp] fp32) and sds = rowsum(S * dS') [B, HV, NC, K]; XLA assembles dg."""
+    B, Tp, H, K = q.shape
+    HV, V = v.shape[2], v.shape[3]
+    r = HV // H
+    NC = Tp // C
+    dt = q.dtype
+
+    def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, h_ref, dsp_ref, vn_ref,
+             dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
+             q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, dpd_s, dvn_s, y_s,
+             g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, o_r, o_c, o_r2, o_r3, o_k, bar):
+        b = lax.axis_index("b")
+        hv = lax.axis_index("h")
+        c = lax.axis_index("c")
+        h = lax.div(hv, r)
+        rows = pl.ds(c * C, C)
+        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
+        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s, bar)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar)
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv], do_s, bar)
+        plgpu.copy_gmem_to_smem(vn_ref.at[b, hv, rows], vn_s, bar)
+        plgpu.copy_gmem_to_smem(h_ref.at[b, hv, c], s_s, bar)
+        plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar)
+        for src, dst in ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)):
+            plgpu.copy_gmem_to_smem(src.at[b, hv, rows], dst, bar)
+        for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)):
+            plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
+        plgpu.barrier_wait(bar)
+
+        # normalised q, k (bf16 copies in SMEM for the tensor cores)
+        qf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        kf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        if l2norm:
+            rq = lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS)
+            rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
+            qf = qf * _rows(rq * scale, (C, K))
+            kf = kf * _rows(rk, (C, K))
+        else:
+            qf = qf * scale
+        q_s[...] = qf.astype(dt)
+        k_s[...] = kf.astype(dt)
+        plgpu.commit_smem()
+        kk = _mm([(k_s, k_s.T)], (C, C))
+        qk = _mm([(q_s, k_s.T)], (C, C))
+
+        gi = plgpu.load(g_r, (), layout=ROWS)
+        gj = plgpu.load(g_c, (), layout=COLS)
+        bi = plgpu.load(b_r, (), layout=ROWS)
+        ri = plgpu.load(run_r, (), layout=ROWS)
+        rj = plgpu.load(run_c, (), layout=COLS)
+        ci = plgpu.load(cin_r, (), layout=ROWS)
+        ti = plgpu.load(tail_r, (), layout=ROWS)
+        g_last = g_x[C - 1]
+        ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+        same = _rows(ri, (C, C)) == _cols(rj, (C, C))
+        diff = _rows(gi, (C, C)) - _cols(gj, (C, C))
+        strict = (ii > jj) & same
+        incl = (ii >= jj) & same
+        d_s = jnp.exp2(jnp.where(strict, diff, -jnp.inf))
+        d_i = jnp.exp2(jnp.where(incl, diff, -jnp.inf))
+        kkd = kk * d_s
+        a = kkd * _rows(bi, (C, C))
+        pm_ = qk * d_i
+        p_s[...] = pm_.astype(dt)
+        # M = (I + A)^-1
+        n = kkd * _rows(-bi, (C, C))
+        eye = jnp.where(ii == jj, 1.0, 0.0).astype(F32)
+        x = n + eye
+        m_s[...] = n.astype(dt)
+        plgpu.commit_smem()
+        pw = n
+        for _ in range(5):
+            pw = _mm([(pw.astype(dt), m_s)], (C, C))
+            m_s[...] = pw.astype(dt)
+            plgpu.commit_smem()
+            x = _mm([(x.astype(dt), m_s)], (C, C), init=x)
+        m_s[...] = x.astype(dt)
+
+        gam_i = jnp.exp2(gi)
+        kdec = jnp.exp2(g_last - gi) * ti
+        kd = kf * _rows(kdec, (C, K))
+        plgpu.commit_smem()
+        # dv_new = P^T do + kd dS'
+        dvn = _mm([(p_s.T, do_s), (kd.astype(dt), ds_s)], (C, V))
+        dvn_s[...] = dvn.astype(dt)
+        # Y = (I + A) v_new
+        y = _mm([((a + eye).astype(dt), vn_s)], (C, V))
+        y_s[...] = y.astype(dt)
+        plgpu.commit_smem()
+        dm = _mm([(dvn.astype(dt), y_s.T)], (C, C))                 # dM = dv_new Y^T
+        z = _mm([(dm.astype(dt), m_s.T)], (C, C))                   # dM M^T
+        z_s[...] = z.astype(dt)
+        plgpu.commit_smem()
+        da = _mm([(m_s.T, z_s)], (C, C))                            # M^T dM M^T
+        da = jnp.where(strict, da * -1.0, 0.0)
+        dxv = _mm([(m_s.T, dvn_s)], (C, V))                         # M^T dv_new
+        vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
+        y_s[...] = (dxv * _rows(bi, (C, V))).astype(dt)             # dv
+        db = jnp.sum(da * kkd, axis=1) + jnp.sum(vf * dxv, axis=1)
+        ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))               # -dXk
+        dqd = _mm([(do_s, s_s.T)], (C, K))
+        dp = _mm([(do_s, vn_s.T)], (C, C))
+        dkd = _mm([(vn_s, ds_s.T)], (C, K))
+        ep = dp * pm_
+        ea = da * a
+        dpd = jnp.where(incl, dp * d_i, 0.0)
+        dad = da * d_s * _rows(bi, (C, C))
+        z_s[...] = dad.astype(dt)
+        dpd_s[...] = dpd.astype(dt)
+        plgpu.commit_smem()
+        dqn = _mm([(dpd.astype(dt), k_s)], (C, K))
+        dkn = _mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K))
+        qd_f = qf * _rows(gam_i * ci, (C, K))
+        xk_f = kf * _rows(bi * gam_i * ci, (C, K))
+        rkd = jnp.sum(kd * dkd, axis=1)
+        db = db - jnp.sum(kf * ndxk, axis=1) * gam_i * ci
+        dg_row = (jnp.sum(ep, axis=1) + jnp.sum(ea, axis=1) + jnp.sum(qd_f * dqd, axis=1) - rkd
+                  - jnp.sum(xk_f * ndxk, axis=1))
+        dg_col = -(jnp.sum(ep, axis=0) + jnp.sum(ea, axis=0))
+        dqn = dqn + dqd * _rows(gam_i * ci, (C, K))
+        dkn = dkn + dkd * _rows(kdec, (C, K)) - ndxk * _rows(bi * gam_i * ci, (C, K))
+        sf = plgpu.load(s_s, (), layout=WGMMA).astype(F32)
+        dsf = plgpu.load(ds_s, (), layout=WGMMA).astype(F32)
+        sds = jnp.sum(sf * dsf, axis=1)
+        # L2-norm backward: x_hat = x r, dx = r (dy - x_hat (x_hat . dy))
+        if l2norm:
+            yq = qf * (1.0 / scale)
+            dyq = dqn * scale
+            dq = (dyq - yq * _rows(jnp.sum(yq * dyq, axis=1), (C, K))) * _rows(rq, (C, K))
+            dk = (dkn - kf * _rows(jnp.sum(kf * dkn, axis=1), (C, K))) * _rows(rk, (C, K))
+        else:
+            dq = dqn * scale
+            dk = dkn
+        q_s[...] = dq.astype(dt)
+        k_s[...] = dk.astype(dt)
+        o_r[...] = db
+        o_c[...] = dg_col
+        o_r2[...] = dg_row
+        o_r3[...] = rkd
+        o_k[...] = sds
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, rows, hv])
+        plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, rows, hv])
+        plgpu.copy_smem_to_gmem(y_s, dv_ref.at[b, rows, hv])
+        plgpu.copy_smem_to_gmem(o_r, db_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(o_r2, dgr_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(o_c, dgc_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(o_r3, rkd_ref.at[b, hv, rows])
+        plgpu.copy_smem_to_gmem(o_k, sds_ref.at[b, hv, c])
+        plgpu.wait_smem_to_gmem(0)
+
+    vec = plgpu.SMEM((C,), F32)
+    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, V), dt), _smem((C, V), dt),
+               _smem((K, V), dt), _smem((K, V), dt),
+               _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt),
+               _smem((C, V), dt), _smem((C, V), dt),
+               vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
+               plgpu.Barrier(num_arrivals=15)]
+    vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
+    out_type = [jax.ShapeDtypeStruct((B, Tp, HV, K), dt), jax.ShapeDtypeStruct((B, Tp, HV, K), dt),
+                jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
+    f = _kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
+                grid_names=("b", "h", "c"))
+    return f(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -530,26 +705,38 @@ def _gdn(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
 
 
 def _gdn_fwd(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
-    o, ht, hc = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, store_h=True)
-    return (o, ht), (q, k, v, g, beta, hc, segment_ids)
+    o, ht, hc, vn = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, store_h=True)
+    return (o, ht), (q, k, v, g, beta, hc, vn, segment_ids)
 
 
 def _bwd(use_qk_l2norm, scale, res, cts):
-    """Reverse state pass on the GPU (Mosaic kernel), then the chunk-local gradients of every chunk at once (XLA)."""
-    q, k, v, g, beta, hc, segment_ids = res
+    """Reverse state pass (Mosaic kernel) for the gradient of the state leaving every chunk, then the chunk-local
+    gradients of every chunk at once (Mosaic kernel); XLA only sums GVA groups and the gate pieces."""
+    q, k, v, g, beta, hc, vn, segment_ids = res
     do, dht = cts
-    T = q.shape[1]
+    B, T, H, K = q.shape
+    HV = v.shape[2]
+    r = HV // H
     pad = (-T) % C
-    nw, u, att, qd, kd, gam = _intermediates(q, k, v, g, beta, segment_ids, use_qk_l2norm, scale)
-    dsp, dh0 = _state_bwd(_pad_t(do.astype(v.dtype), pad), nw, att, qd, kd, gam, dht.astype(F32))
-
-    def f(q, k, v, g, beta):
-        return _chunk_parallel(q, k, v, g, beta, hc, segment_ids, use_qk_l2norm, scale)
-
-    _, vjp = jax.vjp(f, q, k, v, g, beta)
-    dq, dk, dv, dg, db = vjp((do.astype(F32), dsp.astype(F32)))
+    Tp = T + pad
+    NC = Tp // C
+    gc, bt, run, cin, tail, gam = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
+    nw, u, att, qd, kd = _prep(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), gc, bt, run, cin, tail,
+                               scale=scale, l2norm=use_qk_l2norm)
+    do_p = _pad_t(do.astype(v.dtype), pad)
+    dsp, dh0 = _state_bwd(do_p, nw, att, qd, kd, gam, dht.astype(F32))
+    dq, dk, dv, db, dgr, dgcol, rkd, sds = _chunk_bwd(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), do_p, gc, bt,
+                                                     run, cin, tail, hc, dsp, vn, scale=scale, l2norm=use_qk_l2norm)
+    dq = dq[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(q.dtype)
+    dk = dk[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(k.dtype)
+    dv = dv[:, :T].astype(v.dtype)
+    db = db[:, :, :T].transpose(0, 2, 1).astype(beta.dtype)
+    dgc = (dgr + dgcol).reshape(B, HV, NC, C)
+    last = rkd.reshape(B, HV, NC, C).sum(-1) + gam[..., 0] * sds.sum(-1)
+    dgc = dgc.at[..., -1].add(last)
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), -1), -1).reshape(B, HV, Tp)[:, :, :T].transpose(0, 2, 1)
     dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
-    return dq, dk, dv, dg, db, dh0, dseg
+    return dq, dk, dv, dg.astype(g.dtype), db, dh0, dseg
 
 
 _gdn.defvjp(_gdn_fwd, _bwd)
