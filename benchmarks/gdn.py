@@ -59,12 +59,18 @@ def main():
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--impls", default="pallas_gpu")
     ap.add_argument("--fwd-only", action="store_true")
+    ap.add_argument("--breakdown", action="store_true")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
     shapes = [(1, 256)] if a.small else [(8, 4096), (2, 16384), (1, 65536)]
     res = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+    if a.breakdown:
+        for B, T in shapes[:1] + shapes[2:]:
+            res[f"breakdown_B{B}_T{T}"] = breakdown(B, T)
     for name in a.impls.split(","):
+        if not name:
+            continue
         f = get_impl(name)
         fwd = jax.jit(f)
 
@@ -92,6 +98,34 @@ def main():
             with open(os.path.join(a.out, "gdn_bench.json"), "w") as fh:
                 json.dump(res, fh, indent=1)
     print(json.dumps(res, indent=1))
+
+
+def breakdown(B=8, T=4096):  # noqa: D401
+    """Per-kernel times of the pallas_gpu forward and backward (ms), same timing method."""
+    from kernels_pallas.gdn import pallas_gpu as pg
+    q, k, v, g, beta, do = inputs(B, T)
+    K = q.shape[-1]
+    scale = K ** -0.5
+    h0 = jnp.zeros((B, HV, K, DV), jnp.float32)
+    res = {}
+    gp = jax.jit(lambda g, beta: pg._gate_prep(g, beta, None, B, T, HV, 0))
+    gc, bt, run, cin, tail, gam = gp(g, beta)
+    res["gate_prep_xla"] = bench(gp, g, beta)
+    prep = jax.jit(lambda *a: pg._prep(*a, scale=scale, l2norm=True))
+    nw, u, att, qd, kd = prep(q, k, v, gc, bt, run, cin, tail)
+    res["prep"] = bench(prep, q, k, v, gc, bt, run, cin, tail)
+    st = jax.jit(lambda *a: pg._state(*a, T=T, out_dtype=v.dtype))
+    res["state"] = bench(st, nw, u, att, qd, kd, gam, h0)
+    sth = jax.jit(lambda *a: pg._state(*a, T=T, out_dtype=v.dtype, store_h=True))
+    o, ht, hc, vn = sth(nw, u, att, qd, kd, gam, h0)
+    res["state_store_h"] = bench(sth, nw, u, att, qd, kd, gam, h0)
+    sb = jax.jit(pg._state_bwd)
+    dsp, dh0 = sb(do, nw, att, qd, kd, gam, h0)
+    res["state_bwd"] = bench(sb, do, nw, att, qd, kd, gam, h0)
+    cb = jax.jit(lambda *a: pg._chunk_bwd(*a, scale=scale, l2norm=True))
+    res["chunk_bwd"] = bench(cb, q, k, v, do, gc, bt, run, cin, tail, hc, dsp, vn)
+    print(f"breakdown B={B} T={T}: " + ", ".join(f"{k_}={v_:.3f}" for k_, v_ in res.items()), flush=True)
+    return res
 
 
 if __name__ == "__main__":
