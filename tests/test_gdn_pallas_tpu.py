@@ -45,11 +45,10 @@ def forward_and_grads(x, segment_ids, cotangent, impl, options=()):
     return out, vjp(cotangent)[0]
 
 
-def check_against_reference(x, segment_ids=None, tol=1e-5, grad_tol=2e-5, options=()):
+def check_against_reference(x, segment_ids=None, tol=1e-5, grad_tol=1e-5, options=()):
     """Relative errors (max abs error over max abs value) of o and final_state below tol, of the gradients below
-    grad_tol. Gradients get 2e-5 in fp32: under strong decay the in-chunk cumsum of g reaches |gc| ~ 100s, whose fp32
-    rounding shows in exp(gc_i - gc_j); the pure-JAX chunked form has the same error (both ~1e-5 in dg at g ~ -10
-    per token against a float64 recurrence, where the fp32 token-by-token reference is at 1e-7)."""
+    grad_tol. In fp32 the kernel is at ~2e-7 of a float64 recurrence, strong decay included (as is the fp32
+    token-by-token reference)."""
     rng = np.random.default_rng(99)
     o_shape = x["v"].shape
     s_shape = (1, o_shape[2], x["q"].shape[3], o_shape[3])
