@@ -48,9 +48,10 @@ class Qwen3NextConfig:
     linear_key_head_dim: int = 128
     linear_value_head_dim: int = 128
     linear_conv_kernel_dim: int = 4
-    # Layer rhythm: layer i is full attention when (i + 1) % full_attention_interval == 0, unless layer_types says.
+    # Layer kinds, one per layer. Left out, layer i is full attention when (i + 1) % full_attention_interval == 0
+    # (an argument only, as in transformers: layer_types is the one record of the rhythm).
     layer_types: list[str] | None = None
-    full_attention_interval: int = 4
+    full_attention_interval: dataclasses.InitVar[int | None] = None
     # Mixture of experts.
     num_experts: int = 512
     num_experts_per_tok: int = 10
@@ -71,10 +72,10 @@ class Qwen3NextConfig:
     eos_token_id: int | list[int] | None = 151645
     pad_token_id: int | None = None
 
-    def __post_init__(self):
+    def __post_init__(self, full_attention_interval: int | None):
         if self.layer_types is None:
-            self.layer_types = [FULL if (i + 1) % self.full_attention_interval == 0 else LINEAR
-                                for i in range(self.num_hidden_layers)]
+            interval = full_attention_interval or 4
+            self.layer_types = [FULL if (i + 1) % interval == 0 else LINEAR for i in range(self.num_hidden_layers)]
         self.layer_types = list(self.layer_types)
         self.mlp_only_layers = list(self.mlp_only_layers or [])
         self.validate()
@@ -129,7 +130,7 @@ class Qwen3NextConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Qwen3NextConfig":
         """Build from our own field names; an unknown key is an error naming it and the closest field."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        names = [f.name for f in dataclasses.fields(cls)] + ["full_attention_interval"]
         unknown = [k for k in d if k not in names]
         if unknown:
             hints = []
@@ -143,9 +144,14 @@ class Qwen3NextConfig:
         return dataclasses.asdict(self)
 
     def replace(self, **changes) -> "Qwen3NextConfig":
+        """A copy with `changes`; a new depth or interval without layer_types re-derives them from the rhythm."""
         d = self.to_dict()
-        if "num_hidden_layers" in changes and "layer_types" not in changes:
-            d["layer_types"] = None  # re-derive from full_attention_interval
+        if "layer_types" not in changes and ("num_hidden_layers" in changes or
+                                             changes.get("full_attention_interval") is not None):
+            d["layer_types"] = None
+            if changes.get("full_attention_interval") is None:
+                changes["full_attention_interval"] = (self.layer_types.index(FULL) + 1 if FULL in self.layer_types
+                                                      else self.num_hidden_layers + 1)
         d.update(changes)
         return Qwen3NextConfig.from_dict(d)
 
@@ -179,7 +185,6 @@ class Qwen3NextConfig:
     def to_hf_dict(self, layout: str = "5") -> dict[str, Any]:
         """config.json for transformers: layout "5" nests RoPE in rope_parameters, "4.57" keeps it top-level."""
         d = self.to_dict()
-        d.pop("full_attention_interval")  # layer_types says it exactly
         rope_theta, factor, scaling = d.pop("rope_theta"), d.pop("partial_rotary_factor"), d.pop("rope_scaling")
         hf = {"architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", **d}
         if layout == "5":

@@ -16,13 +16,18 @@ SMALL = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_lay
 
 
 def perturbed_model(cfg, seed=0, **kw):
-    """A model whose every parameter is moved off its initial value (so zero-centred norms and gates matter)."""
-    model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed), **kw)
-    graphdef, state = nnx.split(model)
+    """A model with every parameter drawn at random (so zero-centred norms, gates and A_log all matter).
+
+    Built abstractly and filled from numpy: initialising eagerly costs a compiled RNG kernel per parameter shape.
+    """
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed), **kw)))
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.PRNGKey(seed + 1), len(leaves))
-    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(0.2 * rng.standard_normal(x.shape), x.dtype) for x in leaves]
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+
+
+forward = nnx.jit(lambda model, ids, seg=None: model(ids, segment_ids=seg))
 
 
 def rel_err(a, b):
@@ -40,10 +45,10 @@ def test_packed_documents_match_separate_runs(model):
     lengths = [7, 1, 30, 12]
     ids = jax.random.randint(jax.random.PRNGKey(3), (1, sum(lengths)), 1, 97)
     seg = jnp.concatenate([jnp.full((n,), i + 1) for i, n in enumerate(lengths)])[None]
-    packed = model(ids, segment_ids=seg)
+    packed = forward(model, ids, seg)
     start = 0
     for n in lengths:
-        alone = model(ids[:, start:start + n])
+        alone = forward(model, ids[:, start:start + n])
         assert rel_err(packed[:, start:start + n], alone) < 1e-5
         start += n
 
@@ -52,9 +57,13 @@ def test_mtp_matches_definition(model):
     """h'_t = fc(cat[norm_e(embed(x_{t+1})), norm_h(h_t)]) -> mtp layer -> mtp norm -> lm_head, written out by hand."""
     cfg = model.config
     ids = jax.random.randint(jax.random.PRNGKey(4), (2, 21), 0, 97)
-    hidden, _ = model.hidden_states(ids)
-    (mtp_hidden, _), = model.mtp_hidden_states(hidden, ids)
-    mtp_logits = model.logits(mtp_hidden)
+    @nnx.jit
+    def run(model, ids):
+        hidden, _ = model.hidden_states(ids)
+        (mtp_hidden, _), = model.mtp_hidden_states(hidden, ids)
+        return hidden, model.logits(mtp_hidden)
+
+    hidden, mtp_logits = run(model, ids)
 
     p = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model.mtp)))
     norm = lambda x, w: x / np.sqrt((x ** 2).mean(-1, keepdims=True) + cfg.rms_norm_eps) * (1 + w)
@@ -65,14 +74,16 @@ def test_mtp_matches_definition(model):
     T = x.shape[1]
     positions = jnp.broadcast_to(jnp.arange(T), (2, T))
     from qwen3next_jax.rope import rope_tables
-    x, _ = model.mtp.layers[0](jnp.asarray(x, jnp.float32), rope_tables(cfg, positions, jnp.float32), None,
-                               jnp.ones((2, T), bool))
+    x, _ = nnx.jit(lambda layer, x: layer(x, rope_tables(cfg, positions, jnp.float32), None, jnp.ones((2, T), bool)))(
+        model.mtp.layers[0], jnp.asarray(x, jnp.float32))
     ref_logits = norm(np.asarray(x), p["norm"]["weight"]) @ np.asarray(model.lm_head.kernel[...])
     assert rel_err(mtp_logits[:, :-1], ref_logits) < 1e-5
 
 
 def test_remat_policies_give_the_same_gradients():
-    cfg = Qwen3NextConfig.from_dict(dict(SMALL, num_hidden_layers=8, mtp_num_hidden_layers=0))
+    # Two layers repeated twice: the scan over repeats and the checkpointed layer call are both exercised.
+    cfg = Qwen3NextConfig.from_dict(dict(SMALL, num_hidden_layers=4, full_attention_interval=2,
+                                         mtp_num_hidden_layers=0))
     ids = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 97)
     grads = []
     for remat in ("none", "full", "dots"):
@@ -94,7 +105,7 @@ def test_sharded_forward_matches_single_device(model):
     assert spec[2] == "fsdp" and spec[3] == "tensor"
     ids = jax.random.randint(jax.random.PRNGKey(6), (4, 19), 0, 97)
     out = nnx.jit(lambda m, i: m(i))(sharded, jax.device_put(ids, jax.NamedSharding(mesh, jax.P("data"))))
-    assert rel_err(out, model(ids)) < 1e-5
+    assert rel_err(out, forward(model, ids)) < 1e-5
 
 
 def test_layer_period_scans_repeating_blocks():
