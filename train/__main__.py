@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from train.config import ConfigError, load_config
@@ -25,8 +26,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides, args.gin)
     except ConfigError as e:
         parser.exit(2, f"qwen3next-train: config error: {e}\n")
+    import jax
+
     from train.loop import train  # after the config is known good: importing JAX takes a while
 
+    if not jax.config.jax_compilation_cache_dir:  # a resumed run loads the step it compiled before
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cfg.train.out_dir, ".jax_cache"))
     train(cfg)
     return 0
 

@@ -7,7 +7,8 @@ A checkpoint `checkpoints/<step>/` holds three items:
 
 Orbax writes a checkpoint into a temporary directory and renames it only once every item is complete, so a run
 killed mid-save leaves no step directory that `all_steps()` lists. Restoring walks the steps newest first and
-passes over one that fails to restore (a damaged file), so the newest *complete and readable* checkpoint wins.
+passes over one that fails to restore (a damaged file), so the newest *complete and readable* checkpoint wins; the
+unreadable ones after it are deleted, as the resumed run writes those steps again.
 Restoring against abstract arrays carrying shardings places each array on the current mesh, whatever mesh wrote it.
 """
 
@@ -45,6 +46,7 @@ class Checkpoints:
     def restore_newest(self, abstract_state: Any, data_iter) -> tuple[int, Any] | None:
         """(step, state) of the newest checkpoint that restores, with `data_iter` moved to its position; None when
         there is none. `abstract_state` is a pytree of jax.ShapeDtypeStruct (with shardings) to restore into."""
+        unreadable = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -52,7 +54,11 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 - any failure to read means: not a usable checkpoint
                 log.warning("checkpoint at step %d cannot be restored (%s: %s); trying the previous one",
                             step, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                unreadable.append(step)
                 continue
+            for bad in unreadable:  # the resumed run saves these steps again
+                log.warning("deleting the unreadable checkpoint at step %d", bad)
+                self.manager.delete(bad)
             return step, restored.state
         return None
 

@@ -132,6 +132,8 @@ def _suggest(key: str, choices) -> str:
 
 def _coerce(value: Any, hint: Any, key: str) -> Any:
     """`value` checked against the type hint, with the few conversions a command line needs ("1e-3" -> 1e-3)."""
+    if isinstance(hint, dataclasses.InitVar):  # an init-only argument (model.full_attention_interval)
+        hint = hint.type
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         for arm in args:
