@@ -21,5 +21,5 @@ if [ ! -x .venv/bin/python ]; then
   "$(find_python)" -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
 fi
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,tpu]"  # libtpu: the TPU kernels compile ahead of time in the tests
 echo "environment ready: $(.venv/bin/python --version), jax $(.venv/bin/python -c 'import jax; print(jax.__version__)')"
