@@ -80,11 +80,12 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Train
             zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
             (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
+        # The learning rate this step uses: the schedule advances only on updates apply_if_finite applied.
+        lr = lr_schedule(state["step"] - state["opt_state"].total_notfinite)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
-        # apply_if_finite counts the updates it rejected; the schedule advanced only on the applied ones.
         metrics.update(
-            grad_norm=optax.global_norm(grads),
-            lr=lr_schedule(state["step"] - opt_state.total_notfinite),
+            grad_norm=optax.tree.norm(grads),
+            lr=lr,
             nonfinite_in_a_row=opt_state.notfinite_count,
             tokens=counts["main"])
         new_state = dict(params=optax.apply_updates(params, updates), opt_state=opt_state,
@@ -151,9 +152,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = cfg.train.steps
     lr_schedule = schedule(cfg.optim, total_steps)
     tx = make_optimizer(cfg.optim, total_steps)
-    state = dict(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
-                 rng=jax.random.key_data(jax.random.key(cfg.train.seed)))
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    # Explicit shardings for the whole state: the moments are sharded like their parameters, scalars replicated.
+    replicated = NamedSharding(mesh, P())
+    param_shardings = jax.tree.map(lambda x: x.sharding, params)
+    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
+                                          param_shardings, transform_non_params=lambda _: replicated)
+    state_shardings = dict(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
+    state = dict(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params),
+                 step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
+                 rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.train.seed)), replicated))
 
     ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
     start = 0
@@ -167,7 +174,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     batch_spec = shd.logical_to_spec(("batch", "seq"), (cfg.data.batch_size, cfg.data.seq_len), mesh)
     batch_sharding = NamedSharding(mesh, batch_spec)
-    replicated = NamedSharding(mesh, P())
     step_fn = jax.jit(make_train_step(graphdef, rest, tx, cfg, lr_schedule),
                       in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                       donate_argnums=(0,))

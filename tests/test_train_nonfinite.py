@@ -1,0 +1,40 @@
+"""The non-finite policy: a step whose gradient is not finite is skipped (no update, the schedule does not move),
+training goes on, and N such steps in a row stop the run without saving the state they produced."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from train import loop
+from train.config import load_config
+
+
+def test_nan_step_is_skipped_and_a_run_of_them_stops(tmp_path, monkeypatch):
+    cfg = load_config("configs/smoke.yaml", [
+        f"train.out_dir={tmp_path}", "train.steps=10", "train.eval_every=0", "checkpoint.every=2",
+        "optim.max_nonfinite_steps=2", "data.batch_size=8"])
+    poisoned_steps, calls = {3, 5, 6}, iter(range(1, 100))
+    real_global_batch = loop._global_batch
+
+    def global_batch(batch, sharding):
+        if next(calls) in poisoned_steps:  # a token id outside the vocabulary embeds as NaN
+            batch = dict(batch, input_ids=np.where(np.arange(batch["input_ids"].shape[1]) == 0,
+                                                   cfg.model.vocab_size, batch["input_ids"]))
+        return real_global_batch(batch, sharding)
+
+    monkeypatch.setattr(loop, "_global_batch", global_batch)
+    with pytest.raises(loop.NonFiniteError, match="2 non-finite steps in a row"):
+        loop.train(cfg)
+
+    run_dir = tmp_path / "smoke"
+    with open(run_dir / "metrics.jsonl") as f:
+        steps = {r["step"]: r for r in map(json.loads, f)}
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6]
+    assert steps[3]["skipped"] == 1 and math.isnan(steps[3]["loss"])
+    assert steps[4]["skipped"] == 0 and math.isfinite(steps[4]["loss"])  # the NaN update was never applied
+    assert steps[4]["lr"] == steps[3]["lr"]  # nor did the skipped step advance the schedule
+    assert steps[5]["skipped"] == steps[6]["skipped"] == 1
+    saved = sorted(int(d) for d in os.listdir(run_dir / "checkpoints") if d.isdigit())
+    assert saved == [2, 4]  # the run stopped before saving step 6
