@@ -136,35 +136,38 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
             plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
         plgpu.barrier_wait(bar)
 
+        # normalised q, k go to SMEM as bf16 right away (few fp32 tiles live: no spills)
         qf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        if l2norm:
+            q_s[...] = (qf * _rows(lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS) * scale, (C, K))).astype(dt)
+        else:
+            q_s[...] = (qf * scale).astype(dt)
         kf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
         if l2norm:
-            qf = qf * _rows(lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS) * scale, (C, K))
-            kf = kf * _rows(lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS), (C, K))
+            k_s[...] = (kf * _rows(lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS), (C, K))).astype(dt)
         else:
-            qf = qf * scale
-        q_s[...] = qf.astype(dt)
-        k_s[...] = kf.astype(dt)
+            k_s[...] = kf.astype(dt)
         plgpu.commit_smem()
-        kk = _mm([(k_s, k_s.T)], (C, C))
-        qk = _mm([(q_s, k_s.T)], (C, C))
-
         gi = plgpu.load(g_r, (), layout=ROWS)
         gj = plgpu.load(g_c, (), layout=COLS)
         bi = plgpu.load(b_r, (), layout=ROWS)
         ri = plgpu.load(run_r, (), layout=ROWS)
         rj = plgpu.load(run_c, (), layout=COLS)
-        ii, jj = _iota((C, C), 0), _iota((C, C), 1)
-        same = _rows(ri, (C, C)) == _cols(rj, (C, C))
-        diff = _rows(gi, (C, C)) - _cols(gj, (C, C))
-        strict = (ii > jj) & same
-        incl = (ii >= jj) & same
-        # attention-like intra-chunk scores (decay on the causal part of the run)
-        att = qk * jnp.exp2(jnp.where(incl, diff, -jnp.inf))
-        a_o[...] = att.astype(dt)
-        # N = -A, built with the sign inside the multiplier
-        nmul = _rows(-bi, (C, C)) * jnp.exp2(jnp.where(strict, diff, -jnp.inf))
-        n = kk * nmul
+
+        def masks():
+            ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+            same = _rows(ri, (C, C)) == _cols(rj, (C, C))
+            return ii, jj, (ii > jj) & same, (ii >= jj) & same
+
+        def decay(mask):
+            return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
+
+        ii, jj, strict, incl = masks()
+        qk = _mm([(q_s, k_s.T)], (C, C))
+        a_o[...] = (qk * decay(incl)).astype(dt)
+        kk = _mm([(k_s, k_s.T)], (C, C))
+        ii, jj, strict, incl = masks()
+        n = kk * decay(strict) * _rows(-bi, (C, C))          # N = -A
         x = n + jnp.where(ii == jj, 1.0, 0.0).astype(F32)
         p_s[...] = n.astype(dt)
         plgpu.commit_smem()
@@ -174,23 +177,21 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
             p_s[...] = pm.astype(dt)
             plgpu.commit_smem()
             x = _mm([(x.astype(dt), p_s)], (C, C), init=x)    # X (I + N^(2^(s+1)))
-        m16 = x.astype(dt)
-        nm16 = (x * -1.0).astype(dt)
 
         ci = plgpu.load(cin_r, (), layout=ROWS)
         ti = plgpu.load(tail_r, (), layout=ROWS)
         gam_i = jnp.exp2(gi)
-        bk_s[...] = (kf * _rows(bi * gam_i * ci, (C, K))).astype(dt)
+        knf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        bk_s[...] = (knf * _rows(bi * gam_i * ci, (C, K))).astype(dt)
         vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
         v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
         plgpu.commit_smem()
-        w = _mm([(nm16, bk_s)], (C, K))   # -w: the state kernels only ever accumulate
-        u = _mm([(m16, v_s)], (C, V))
-        w_o[...] = w.astype(dt)
-        u_o[...] = u.astype(dt)
+        w_o[...] = _mm([((x * -1.0).astype(dt), bk_s)], (C, K)).astype(dt)   # -w: the state kernels only accumulate
+        u_o[...] = _mm([(x.astype(dt), v_s)], (C, V)).astype(dt)
         g_last = g_x[C - 1]
-        q_s[...] = (qf * _rows(gam_i * ci, (C, K))).astype(dt)
-        k_s[...] = (kf * _rows(jnp.exp2(g_last - gi) * ti, (C, K))).astype(dt)
+        k_s[...] = (knf * _rows(jnp.exp2(g_last - gi) * ti, (C, K))).astype(dt)
+        qnf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        q_s[...] = (qnf * _rows(gam_i * ci, (C, K))).astype(dt)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(w_o, w_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(u_o, u_ref.at[b, hv, rows])
@@ -374,7 +375,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
 
     def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, h_ref, dsp_ref, vn_ref,
              dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
-             q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, dpd_s, dvn_s, y_s,
+             q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
              g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, o_r, o_c, o_r2, o_r3, o_k, bar):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
@@ -394,22 +395,21 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
             plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
         plgpu.barrier_wait(bar)
 
-        # normalised q, k (bf16 copies in SMEM for the tensor cores)
+        # Phases keep at most about two [C, K] fp32 arrays live (the rest goes through SMEM as bf16), so that the
+        # single warpgroup does not spill.
         qf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
-        kf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
         if l2norm:
             rq = lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS)
-            rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
-            qf = qf * _rows(rq * scale, (C, K))
-            kf = kf * _rows(rk, (C, K))
+            q_s[...] = (qf * _rows(rq * scale, (C, K))).astype(dt)
         else:
-            qf = qf * scale
-        q_s[...] = qf.astype(dt)
-        k_s[...] = kf.astype(dt)
+            q_s[...] = (qf * scale).astype(dt)
+        kf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        if l2norm:
+            rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
+            k_s[...] = (kf * _rows(rk, (C, K))).astype(dt)
+        else:
+            k_s[...] = kf.astype(dt)
         plgpu.commit_smem()
-        kk = _mm([(k_s, k_s.T)], (C, C))
-        qk = _mm([(q_s, k_s.T)], (C, C))
-
         gi = plgpu.load(g_r, (), layout=ROWS)
         gj = plgpu.load(g_c, (), layout=COLS)
         bi = plgpu.load(b_r, (), layout=ROWS)
@@ -418,18 +418,25 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         ci = plgpu.load(cin_r, (), layout=ROWS)
         ti = plgpu.load(tail_r, (), layout=ROWS)
         g_last = g_x[C - 1]
-        ii, jj = _iota((C, C), 0), _iota((C, C), 1)
-        same = _rows(ri, (C, C)) == _cols(rj, (C, C))
-        diff = _rows(gi, (C, C)) - _cols(gj, (C, C))
-        strict = (ii > jj) & same
-        incl = (ii >= jj) & same
-        d_s = jnp.exp2(jnp.where(strict, diff, -jnp.inf))
-        d_i = jnp.exp2(jnp.where(incl, diff, -jnp.inf))
-        kkd = kk * d_s
-        a = kkd * _rows(bi, (C, C))
-        pm_ = qk * d_i
-        p_s[...] = pm_.astype(dt)
-        # M = (I + A)^-1
+        gam_i = jnp.exp2(gi)
+        gci = gam_i * ci                      # qd = qn * gci
+        bgci = bi * gci                       # Xk = kn * bgci
+        kdec = jnp.exp2(g_last - gi) * ti     # kd = kn * kdec
+
+        def masks():
+            ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+            same = _rows(ri, (C, C)) == _cols(rj, (C, C))
+            return ii, jj, (ii > jj) & same, (ii >= jj) & same
+
+        def decay(mask):
+            return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
+
+        # phase A: P, KKD (-> SMEM), M = (I + A)^-1 (-> SMEM)
+        ii, jj, strict, incl = masks()
+        qk = _mm([(q_s, k_s.T)], (C, C))
+        p_s[...] = (qk * decay(incl)).astype(dt)
+        kkd = _mm([(k_s, k_s.T)], (C, C)) * decay(strict)
+        kkd_s[...] = kkd.astype(dt)
         n = kkd * _rows(-bi, (C, C))
         eye = jnp.where(ii == jj, 1.0, 0.0).astype(F32)
         x = n + eye
@@ -442,69 +449,90 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
             plgpu.commit_smem()
             x = _mm([(x.astype(dt), m_s)], (C, C), init=x)
         m_s[...] = x.astype(dt)
+        plgpu.commit_smem()
 
-        gam_i = jnp.exp2(gi)
-        kdec = jnp.exp2(g_last - gi) * ti
-        kd = kf * _rows(kdec, (C, K))
+        # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
+        kd16 = (plgpu.load(k_s, (), layout=WGMMA).astype(F32) * _rows(kdec, (C, K))).astype(dt)
+        dvn = _mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
+        dvn16 = dvn.astype(dt)
+        dvn_s[...] = dvn16
+        ii, jj, strict, incl = masks()
+        kkd = plgpu.load(kkd_s, (), layout=WGMMA).astype(F32)
+        ia16 = (kkd * _rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
+        y_s[...] = _mm([(ia16, vn_s)], (C, V)).astype(dt)
         plgpu.commit_smem()
-        # dv_new = P^T do + kd dS'
-        dvn = _mm([(p_s.T, do_s), (kd.astype(dt), ds_s)], (C, V))
-        dvn_s[...] = dvn.astype(dt)
-        # Y = (I + A) v_new
-        y = _mm([((a + eye).astype(dt), vn_s)], (C, V))
-        y_s[...] = y.astype(dt)
+        dm = _mm([(dvn16, y_s.T)], (C, C))
+        z_s[...] = _mm([(dm.astype(dt), m_s.T)], (C, C)).astype(dt)
         plgpu.commit_smem()
-        dm = _mm([(dvn.astype(dt), y_s.T)], (C, C))                 # dM = dv_new Y^T
-        z = _mm([(dm.astype(dt), m_s.T)], (C, C))                   # dM M^T
-        z_s[...] = z.astype(dt)
-        plgpu.commit_smem()
-        da = _mm([(m_s.T, z_s)], (C, C))                            # M^T dM M^T
+        da = _mm([(m_s.T, z_s)], (C, C))
+        ii, jj, strict, incl = masks()
         da = jnp.where(strict, da * -1.0, 0.0)
-        dxv = _mm([(m_s.T, dvn_s)], (C, V))                         # M^T dv_new
+        kkd = plgpu.load(kkd_s, (), layout=WGMMA).astype(F32)
+        dakkd = da * kkd
+        db = jnp.sum(dakkd, axis=1)
+        ea = dakkd * _rows(bi, (C, C))                      # dA * A
+        dg_row = jnp.sum(ea, axis=1)
+        dg_col = jnp.sum(ea, axis=0) * -1.0
+        z_s[...] = (da * decay(strict) * _rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
+
+        # phase C: dXv = M^T dv_new; dv = beta dXv; -dXk = dXv S^T
+        dxv = _mm([(m_s.T, dvn_s)], (C, V))
         vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
-        y_s[...] = (dxv * _rows(bi, (C, V))).astype(dt)             # dv
-        db = jnp.sum(da * kkd, axis=1) + jnp.sum(vf * dxv, axis=1)
-        ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))               # -dXk
-        dqd = _mm([(do_s, s_s.T)], (C, K))
-        dp = _mm([(do_s, vn_s.T)], (C, C))
+        db = db + jnp.sum(vf * dxv, axis=1)
+        y_s[...] = (dxv * _rows(bi, (C, V))).astype(dt)     # dv (staged)
+        ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))
+        knf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        t = jnp.sum(knf * ndxk, axis=1)
+        db = db - t * gci
+        dg_row = dg_row - t * bgci
+        dkn = ndxk * _rows(bgci * -1.0, (C, K))
+
+        # phase D: dkd = v_new dS'^T
         dkd = _mm([(vn_s, ds_s.T)], (C, K))
-        ep = dp * pm_
-        ea = da * a
-        dpd = jnp.where(incl, dp * d_i, 0.0)
-        dad = da * d_s * _rows(bi, (C, C))
-        z_s[...] = dad.astype(dt)
-        dpd_s[...] = dpd.astype(dt)
+        rkd = jnp.sum(knf * dkd, axis=1) * kdec
+        dg_row = dg_row - rkd
+        dkn = dkn + dkd * _rows(kdec, (C, K))
+
+        # phase E: dP = do v_new^T
+        dp = _mm([(do_s, vn_s.T)], (C, C))
+        ii, jj, strict, incl = masks()
+        ep = dp * plgpu.load(p_s, (), layout=WGMMA).astype(F32)
+        dg_row = dg_row + jnp.sum(ep, axis=1)
+        dg_col = dg_col - jnp.sum(ep, axis=0)
+        dpd16 = jnp.where(incl, dp * decay(incl), 0.0).astype(dt)
+        dpd_s = p_s                                          # P is no longer needed
+        dpd_s[...] = dpd16
         plgpu.commit_smem()
-        dqn = _mm([(dpd.astype(dt), k_s)], (C, K))
-        dkn = _mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K))
-        qd_f = qf * _rows(gam_i * ci, (C, K))
-        xk_f = kf * _rows(bi * gam_i * ci, (C, K))
-        rkd = jnp.sum(kd * dkd, axis=1)
-        db = db - jnp.sum(kf * ndxk, axis=1) * gam_i * ci
-        dg_row = (jnp.sum(ep, axis=1) + jnp.sum(ea, axis=1) + jnp.sum(qd_f * dqd, axis=1) - rkd
-                  - jnp.sum(xk_f * ndxk, axis=1))
-        dg_col = -(jnp.sum(ep, axis=0) + jnp.sum(ea, axis=0))
-        dqn = dqn + dqd * _rows(gam_i * ci, (C, K))
-        dkn = dkn + dkd * _rows(kdec, (C, K)) - ndxk * _rows(bi * gam_i * ci, (C, K))
-        sf = plgpu.load(s_s, (), layout=WGMMA).astype(F32)
-        dsf = plgpu.load(ds_s, (), layout=WGMMA).astype(F32)
-        sds = jnp.sum(sf * dsf, axis=1)
-        # L2-norm backward: x_hat = x r, dx = r (dy - x_hat (x_hat . dy))
+
+        # phase F: dkn += (dKK + dKK^T) kn + dPD^T qn; L2-norm backward of k
+        dkn = _mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K), init=dkn)
         if l2norm:
-            yq = qf * (1.0 / scale)
+            dk = (dkn - knf * _rows(jnp.sum(knf * dkn, axis=1), (C, K))) * _rows(rk, (C, K))
+        else:
+            dk = dkn
+
+        # phase G: dqd = do S^T; dqn = dPD kn + gci dqd; L2-norm backward of q
+        dqd = _mm([(do_s, s_s.T)], (C, K))
+        qnf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        dg_row = dg_row + jnp.sum(qnf * dqd, axis=1) * gci
+        dqn = _mm([(dpd16, k_s)], (C, K), init=dqd * _rows(gci, (C, K)))
+        if l2norm:
+            yq = qnf * (1.0 / scale)
             dyq = dqn * scale
             dq = (dyq - yq * _rows(jnp.sum(yq * dyq, axis=1), (C, K))) * _rows(rq, (C, K))
-            dk = (dkn - kf * _rows(jnp.sum(kf * dkn, axis=1), (C, K))) * _rows(rk, (C, K))
         else:
             dq = dqn * scale
-            dk = dkn
         q_s[...] = dq.astype(dt)
         k_s[...] = dk.astype(dt)
+        for half in range(K // 64):
+            sl = pl.ds(half * 64, 64)
+            sf = plgpu.load(s_s.at[sl], (), layout=WGMMA).astype(F32)
+            dsf = plgpu.load(ds_s.at[sl], (), layout=WGMMA).astype(F32)
+            o_k[sl] = jnp.sum(sf * dsf, axis=1)
         o_r[...] = db
         o_c[...] = dg_col
         o_r2[...] = dg_row
         o_r3[...] = rkd
-        o_k[...] = sds
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, rows, hv])
         plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, rows, hv])
