@@ -89,7 +89,8 @@ def test_split_and_host_shards_are_disjoint(corpus):
 
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_iterator_state_round_trip(corpus, num_workers):
-    cfg = DataConfig(sources=[corpus["jsonl"]], seq_len=16, batch_size=2, num_workers=num_workers)
+    cfg = DataConfig(sources=[corpus["jsonl"]], seq_len=16, batch_size=2, row_shuffle_window=8,
+                     num_workers=num_workers)
     train, _ = train_and_val(cfg, ByteTokenizer())
     it = iter(train)
     for _ in range(5):

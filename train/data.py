@@ -4,7 +4,8 @@ The pipeline (per host):
 
     documents (random access)  -> every process_count-th document (per-host shard)
     -> shuffle(seed), reshuffled every epoch, repeated forever  -> tokenise (+ end-of-document token)
-    -> grain's ConcatThenSplit packing into rows of seq_len  -> batch  -> worker processes (optional)
+    -> grain's ConcatThenSplit packing into rows of seq_len  -> rows shuffled within a window  -> batch
+    -> worker processes (optional)
 
 Packing concatenates documents and splits at row ends, so no token is dropped and rows need no padding. Each row
 carries `segment_ids` (1, 2, ... per document piece, 0 = padding) and `positions` (restarting at 0 at each piece);
@@ -229,7 +230,8 @@ def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int | None,
-                   num_workers: int = 0, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+                   row_shuffle_window: int = 0, num_workers: int = 0, process_index: int = 0,
+                   process_count: int = 1) -> grain.IterDataset:
     """Batches {input_ids, segment_ids, positions} of shape [batch_size, seq_len], int32, forever.
 
     `batch_size` is this host's share. seed=None keeps the document order (validation).
@@ -241,6 +243,10 @@ def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int,
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(None).map(_Tokenize(tokenizer))
     packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len})
+    if seed is not None and row_shuffle_window > 1:
+        # Consecutive rows come from the same long document; mixing rows across a window of them gives each
+        # batch many documents. The window's state (its start and position) is checkpointed like the rest.
+        packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=row_shuffle_window, seed=seed)
     batches = packed.batch(batch_size, drop_remainder=True).map(_rename)
     if num_workers > 0:
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, which a non-absl program never parses
@@ -257,6 +263,7 @@ def train_and_val(cfg: DataConfig, tokenizer, *, process_index: int = 0, process
     train_docs, val_docs = split_documents(cfg)
     kw: dict[str, Any] = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size // process_count,
                               process_index=process_index, process_count=process_count)
-    train = packed_batches(train_docs, tokenizer, seed=cfg.seed, num_workers=cfg.num_workers, **kw)
+    train = packed_batches(train_docs, tokenizer, seed=cfg.seed, row_shuffle_window=cfg.row_shuffle_window,
+                           num_workers=cfg.num_workers, **kw)
     val = packed_batches(val_docs, tokenizer, seed=None, **kw)
     return train, val
