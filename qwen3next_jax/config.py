@@ -40,7 +40,7 @@ class Qwen3NextConfig:
     attention_bias: bool = False
     rope_theta: float = 1e7
     partial_rotary_factor: float = 0.25
-    rope_scaling: dict | None = None  # {"rope_type": "linear", "factor": f} etc.; None is plain RoPE
+    rope_scaling: dict | None = None  # {"rope_type": "linear" | "yarn" | "llama3", "factor": ...}; None: plain RoPE
     max_position_embeddings: int = 262144
     # Gated DeltaNet.
     linear_num_key_heads: int = 16
@@ -114,9 +114,9 @@ class Qwen3NextConfig:
             errors.append(f"hidden_act {self.hidden_act!r} is not supported (Qwen3-Next uses 'silu')")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
             errors.append("num_experts_per_tok must be in 1..num_experts")
-        if self.rope_scaling is not None and rope_type(self.rope_scaling) not in ("default", "linear"):
+        if rope_type(self.rope_scaling) not in ("default", "linear", "yarn", "llama3"):
             errors.append(f"rope_scaling type {rope_type(self.rope_scaling)!r} is not supported "
-                          "(supported: 'default', 'linear')")
+                          "(supported: 'default', 'linear', 'yarn', 'llama3')")
         bad_layers = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad_layers:
             errors.append(f"mlp_only_layers {bad_layers} are outside 0..{self.num_hidden_layers - 1}")

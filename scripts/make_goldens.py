@@ -32,6 +32,9 @@ the real checkpoint has and transformers drops: `mtp.fc.weight [D, 2D]`, `mtp.pr
 same names a `model.layers.{i}` full-attention MoE layer has), `mtp.norm.weight`. Its config.json has no
 `mtp_num_hidden_layers` key, like the real one. No forward goldens (transformers has no MTP forward).
 
+`rope_scaling.json`: transformers' inverse frequencies and cos/sin scaling for the scaled RoPE variants (linear,
+yarn with and without mscale, llama3).
+
 `config_457/config.json`: the `odd` config written in the transformers 4.57 layout (rope_theta,
 partial_rotary_factor and rope_scaling at the top level, `torch_dtype`, no `rope_parameters`), plus
 `expected.json`, the values transformers 5 reads from it.
@@ -311,6 +314,34 @@ def generate(out_root: str) -> None:
         print(f"{name}: seed {seed + attempt}, top-k gap {gap:.2e}, {size / 1024:.0f} KiB, files {sorted(os.listdir(out))}")
     with open(os.path.join(out_root, "odd", "config.json")) as f:
         write_457(os.path.join(out_root, "config_457"), json.load(f))
+    write_rope(out_root)
+
+
+ROPE_CASES = {  # rope_parameters beyond rope_theta / partial_rotary_factor, each read by transformers' own code
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 2048, "mscale": 0.707,
+                    "mscale_all_dim": 1.0, "beta_fast": 16, "beta_slow": 2, "truncate": False},
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192},
+}
+
+
+def write_rope(out: str) -> None:
+    """rope_scaling.json: transformers' inverse frequencies and attention factor for each scaled-RoPE case."""
+    from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextRotaryEmbedding
+
+    cases = {}
+    for name, params in ROPE_CASES.items():
+        cfg = Qwen3NextConfig(head_dim=40, partial_rotary_factor=0.5, max_position_embeddings=32768,
+                              rope_parameters={**params, "rope_theta": 1e6, "partial_rotary_factor": 0.5})
+        rope = Qwen3NextRotaryEmbedding(cfg)
+        cases[name] = dict(config=dict(head_dim=40, partial_rotary_factor=0.5, max_position_embeddings=32768,
+                                       rope_theta=1e6, rope_scaling=params),
+                           inv_freq=rope.inv_freq.tolist(), attention_scaling=float(rope.attention_scaling))
+    with open(os.path.join(out, "rope_scaling.json"), "w") as f:
+        json.dump(cases, f, indent=1)
+        f.write("\n")
 
 
 def compare(a: str, b: str) -> list[str]:
