@@ -95,6 +95,39 @@ def _mm(pairs, shape, init=None):
     return lax.optimization_barrier(out)
 
 
+def _mm_multi(groups):
+    """Several independent accumulations ``[(pairs, shape, init_or_None), ...]`` issued together, waited once."""
+    if _INTERPRET is not None:
+        return tuple(_mm(p, sh, init=i) for p, sh, i in groups)
+    inits = tuple(plgpu.ACC.init(i if i is not None else plgpu.layout_cast(jnp.zeros(sh, F32), WGMMA))
+                  for _, sh, i in groups)
+
+    def body(accs):
+        for acc, (pairs, _, _) in zip(accs, groups):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+
+    return lax.optimization_barrier(pl.run_state(body)(inits))
+
+
+def _inverse(n, eye, buf, dt):
+    """X = (I - N)^-1... precisely (I + N)(I + N^2)(I + N^4)...(I + N^32) = (I - N)^-1 for strictly lower 64x64 N
+    (nilpotent), i.e. (I + A)^-1 for N = -A. Each factor is accumulated in fp32 from bf16 operands; the squaring
+    and the product of a step are issued together, so the chain has 6 tensor-core waits. ``buf``: [C, C] SMEM."""
+    x = n + eye
+    buf[...] = n.astype(dt)
+    plgpu.commit_smem()
+    p = _mm([(n.astype(dt), buf)], (C, C))                       # N^2
+    for step in range(1, 6):
+        buf[...] = p.astype(dt)
+        plgpu.commit_smem()
+        if step < 5:
+            x, p = _mm_multi([([(x.astype(dt), buf)], (C, C), x), ([(p.astype(dt), buf)], (C, C), None)])
+        else:
+            x = _mm([(x.astype(dt), buf)], (C, C), init=x)
+    return x
+
+
 def _mm_scoped(pairs, shape):
     def scoped(acc):
         for a, b in pairs:
@@ -121,7 +154,7 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
 
     def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
              w_ref, u_ref, a_ref, qd_ref, kd_ref,
-             q_s, k_s, v_s, bk_s, w_o, u_o, p_s, a_o, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, bar, bar2):
+             q_s, k_s, v_s, bk_s, p_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, bar):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
@@ -162,21 +195,15 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         def decay(mask):
             return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
 
+        qk, kk = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None)])
         ii, jj, strict, incl = masks()
-        qk = _mm([(q_s, k_s.T)], (C, C))
-        a_o[...] = (qk * decay(incl)).astype(dt)
-        kk = _mm([(k_s, k_s.T)], (C, C))
+        p_s[...] = (qk * decay(incl)).astype(dt)              # the scores leave through p_s before the inverse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(p_s, a_ref.at[b, hv, rows])
         ii, jj, strict, incl = masks()
         n = kk * decay(strict) * _rows(-bi, (C, C))          # N = -A
-        x = n + jnp.where(ii == jj, 1.0, 0.0).astype(F32)
-        p_s[...] = n.astype(dt)
-        plgpu.commit_smem()
-        pm = n
-        for _ in range(5):
-            pm = _mm([(pm.astype(dt), p_s)], (C, C))          # N^(2^(s+1))
-            p_s[...] = pm.astype(dt)
-            plgpu.commit_smem()
-            x = _mm([(x.astype(dt), p_s)], (C, C), init=x)    # X (I + N^(2^(s+1)))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        x = _inverse(n, jnp.where(ii == jj, 1.0, 0.0).astype(F32), p_s, dt)
 
         ci = plgpu.load(cin_r, (), layout=ROWS)
         ti = plgpu.load(tail_r, (), layout=ROWS)
@@ -186,8 +213,11 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
         v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
         plgpu.commit_smem()
-        w_o[...] = _mm([((x * -1.0).astype(dt), bk_s)], (C, K)).astype(dt)   # -w: the state kernels only accumulate
-        u_o[...] = _mm([(x.astype(dt), v_s)], (C, V)).astype(dt)
+        # -w (the state kernels only accumulate) and u, issued together
+        w, u = _mm_multi([([((x * -1.0).astype(dt), bk_s)], (C, K), None), ([(x.astype(dt), v_s)], (C, V), None)])
+        w_o, u_o = bk_s, v_s
+        w_o[...] = w.astype(dt)
+        u_o[...] = u.astype(dt)
         g_last = g_x[C - 1]
         k_s[...] = (knf * _rows(jnp.exp2(g_last - gi) * ti, (C, K))).astype(dt)
         qnf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
@@ -195,16 +225,14 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(w_o, w_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(u_o, u_ref.at[b, hv, rows])
-        plgpu.copy_smem_to_gmem(a_o, a_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(q_s, qd_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(k_s, kd_ref.at[b, hv, rows])
         plgpu.wait_smem_to_gmem(0)
 
     vec = plgpu.SMEM((C,), F32)
-    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, K), dt), _smem((C, K), dt),
-               _smem((C, V), dt), _smem((C, C), dt), _smem((C, C), dt),
+    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, K), dt), _smem((C, C), dt),
                vec, vec, vec, vec, vec, vec, vec, vec,
-               plgpu.Barrier(num_arrivals=11), plgpu.Barrier()]
+               plgpu.Barrier(num_arrivals=11)]
     out_type = [jax.ShapeDtypeStruct((B, HV, Tp, K), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt),
                 jax.ShapeDtypeStruct((B, HV, Tp, C), dt), jax.ShapeDtypeStruct((B, HV, Tp, K), dt),
                 jax.ShapeDtypeStruct((B, HV, Tp, K), dt)]
@@ -269,8 +297,8 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
             plgpu.commit_smem()
             if store_h:
                 plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[b, hv, pl.ds(n * C, C), cols])
-            o = _mm([(qd_s.at[slot], s_s), (a_s.at[slot], vn_s)], (C, bv))
-            s = _mm([(kd_s.at[slot].T, vn_s)], (K, bv), init=s * gam_s[slot, 0])
+            o, s = _mm_multi([([(qd_s.at[slot], s_s), (a_s.at[slot], vn_s)], (C, bv), None),
+                              ([(kd_s.at[slot].T, vn_s)], (K, bv), s * gam_s[slot, 0])])
             o_s[...] = o.astype(out_dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), hv, cols])
@@ -432,22 +460,12 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
             return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
 
         # phase A: P, KKD (-> SMEM), M = (I + A)^-1 (-> SMEM)
+        qk, kk = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None)])
         ii, jj, strict, incl = masks()
-        qk = _mm([(q_s, k_s.T)], (C, C))
         p_s[...] = (qk * decay(incl)).astype(dt)
-        kkd = _mm([(k_s, k_s.T)], (C, C)) * decay(strict)
+        kkd = kk * decay(strict)
         kkd_s[...] = kkd.astype(dt)
-        n = kkd * _rows(-bi, (C, C))
-        eye = jnp.where(ii == jj, 1.0, 0.0).astype(F32)
-        x = n + eye
-        m_s[...] = n.astype(dt)
-        plgpu.commit_smem()
-        pw = n
-        for _ in range(5):
-            pw = _mm([(pw.astype(dt), m_s)], (C, C))
-            m_s[...] = pw.astype(dt)
-            plgpu.commit_smem()
-            x = _mm([(x.astype(dt), m_s)], (C, C), init=x)
+        x = _inverse(kkd * _rows(-bi, (C, C)), jnp.where(ii == jj, 1.0, 0.0).astype(F32), m_s, dt)
         m_s[...] = x.astype(dt)
         plgpu.commit_smem()
 
