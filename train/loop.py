@@ -71,14 +71,15 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Train
         if A == 1:
             (_, metrics), grads = grad_fn(params, batch)
         else:
-            micro = jax.tree.map(lambda x: x.reshape(A, x.shape[0] // A, *x.shape[1:]), batch)
+            # Micro-batch a takes rows a, a + A, a + 2A, ...: each one spread over all the batch's devices.
+            micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, mb):
                 (_, m), g = grad_fn(params, mb)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            zeros = jax.eval_shape(lambda: grad_fn(params, jax.tree.map(lambda x: x[0], micro)))
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[1], zeros[0][1]))
+            (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
             (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
         # The learning rate this step uses: the schedule advances only on updates apply_if_finite applied.
         lr = lr_schedule(state["step"] - state["opt_state"].total_notfinite)
@@ -86,8 +87,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Train
         metrics.update(
             grad_norm=optax.tree.norm(grads),
             lr=lr,
-            nonfinite_in_a_row=opt_state.notfinite_count,
-            tokens=counts["main"])
+            nonfinite_in_a_row=opt_state.notfinite_count)
         new_state = dict(params=optax.apply_updates(params, updates), opt_state=opt_state,
                          step=state["step"] + 1, rng=state["rng"])
         return new_state, metrics
