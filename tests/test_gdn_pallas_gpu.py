@@ -74,6 +74,7 @@ CASES = [
     (1, 200, 1, 2, 128, 128, 3, True),     # GVA, ragged T, packed documents
     (2, 320, 2, 2, 64, 64, 4, False),      # head dim 64, no initial state
     (1, 128, 2, 4, 64, 128, 2, True),
+    (1, 100, 1, 1, 128, 64, 2, True),
 ]
 
 
@@ -91,7 +92,7 @@ def test_forward_matches_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
     assert rel(s, rs) < 1e-2
 
 
-@pytest.mark.parametrize("B,T,H,HV,K,V,n_docs,use_h0", CASES[:3])
+@pytest.mark.parametrize("B,T,H,HV,K,V,n_docs,use_h0", CASES)
 def test_gradients_match_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
     from kernels_pallas.gdn import pallas_gpu
     q, k, v, g, beta, h0, seg = make(B, T, H, HV, K, V, n_docs=n_docs, seed=1)
@@ -116,6 +117,41 @@ def test_gradients_match_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
         assert rel(a, b) < 2e-2, (name, rel(a, b))
 
 
+@pytest.mark.parametrize("l2norm,scale", [(False, 0.05), (True, 0.3)])
+def test_options_without_l2norm_and_custom_scale(l2norm, scale):
+    from kernels_pallas.gdn import pallas_gpu
+    q, k, v, g, beta, h0, seg = make(1, 192, 2, 4, 128, 128, n_docs=2, seed=3)
+    if not l2norm:  # keep the unnormalised recurrence bounded
+        q, k = (x / jnp.sqrt(128.0) for x in (q, k))
+        q, k = q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+    kw = jax.random.split(jax.random.PRNGKey(5), 2)
+    wo = jax.random.normal(kw[0], (1, 192, 4, 128))
+    ws = jax.random.normal(kw[1], (1, 4, 128, 128))
+
+    def loss(fn):
+        def f(q, k, v, g, beta, h0):
+            o, s = fn(q, k, v, g, beta, h0)
+            return jnp.sum(o.astype(jnp.float32) * wo) + jnp.sum(s * ws), (o, s)
+        return f
+
+    kern = loss(lambda q, k, v, g, beta, h0: pallas_gpu.gated_delta_rule(
+        q, k, v, g, beta, initial_state=h0, segment_ids=seg, use_qk_l2norm=l2norm, scale=scale))
+    ref = loss(lambda q, k, v, g, beta, h0: recurrent_ref(q, k, v, g, beta, h0, seg, l2norm=l2norm, scale=scale))
+    gk, (ok, sk) = jax.jit(jax.grad(kern, argnums=range(6), has_aux=True))(q, k, v, g, beta, h0)
+    gr, (orf, srf) = jax.jit(jax.grad(ref, argnums=range(6), has_aux=True))(q, k, v, g, beta, h0)
+    assert rel(ok, orf) < 1e-2 and rel(sk, srf) < 1e-2
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), gk, gr):
+        assert rel(a, b) < 2e-2, (name, rel(a, b))
+
+
+def test_dispatch_auto_picks_the_kernel():
+    import kernels_pallas.gdn as gdn
+    q, k, v, g, beta, h0, seg = make(1, 130, 1, 2, 128, 128, n_docs=2)
+    o1, s1 = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=seg, impl="auto")
+    o2, s2 = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=seg, impl="pallas_gpu")
+    assert rel(o1, o2) < 1e-6 and rel(s1, s2) < 1e-6
+
+
 def test_supports_predicate():
     from kernels_pallas.gdn import pallas_gpu
     q, k, v, g, beta, h0, seg = make(1, 64, 1, 2, 128, 128)
@@ -123,3 +159,6 @@ def test_supports_predicate():
     assert not pallas_gpu.supports(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), g, beta)
     q2, k2, v2, *_ = make(1, 64, 1, 2, 96, 128)
     assert not pallas_gpu.supports(q2, k2, v2, g, beta)
+    q3, k3, v3, *_ = make(1, 64, 1, 2, 256, 256)
+    assert not pallas_gpu.supports(q3, k3, v3, g, beta)       # head dim 256: not covered, falls back
+    assert not pallas_gpu.supports(q, k, v, g, beta, chunk_size=32)

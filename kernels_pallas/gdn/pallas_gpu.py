@@ -788,36 +788,47 @@ def _bwd(use_qk_l2norm, scale, res, cts):
 _gdn.defvjp(_gdn_fwd, _bwd)
 
 
-def supports(q, k, v, g=None, beta=None, *, initial_state=None, segment_ids=None, **_):
-    """True only for calls the GPU tests cover."""
+def supports(q, k, v, g=None, beta=None, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
+             chunk_size=64, **_):
+    """True only for calls the GPU tests cover: a Hopper GPU (sm_90), bf16 q/k/v, key and value head dims 64 or
+    128, HV a multiple of H, chunk size 64; any T, B, initial state, segment_ids, with or without the L2 norm."""
     try:
-        if jax.default_backend() != "gpu" and _INTERPRET is None:
-            return False
-        dev = jax.devices()[0]
-        if _INTERPRET is None and getattr(dev, "compute_capability", None) not in ("9.0",):
-            return False
+        if _INTERPRET is None:
+            if jax.default_backend() != "gpu":
+                return False
+            if getattr(jax.devices()[0], "compute_capability", None) != "9.0":
+                return False
     except RuntimeError:
         return False
-    if q.ndim != 4 or k.shape != q.shape or v.ndim != 4:
+    if chunk_size != C or q.ndim != 4 or k.shape != q.shape or v.ndim != 4:
         return False
     B, T, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
-    if v.shape[:2] != (B, T) or HV % H:
+    if v.shape[:2] != (B, T) or HV % H or T < 1:
         return False
     if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
     if K not in SUPPORTED_HEAD_DIMS or V not in SUPPORTED_HEAD_DIMS:
         return False
+    if scale is not None and not isinstance(scale, (int, float)):
+        return False  # the scale is a compile-time constant of the kernels
     return True
 
 
 def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
-                     impl="pallas_gpu"):
-    """Chunked gated delta rule on Hopper (Mosaic GPU). Returns (o [B,T,HV,V] in v.dtype, final_state fp32)."""
+                     chunk_size=64, impl="pallas_gpu"):
+    """Chunked gated delta rule on Hopper (Mosaic GPU kernels forward and backward).
+
+    q, k [B, T, H, K]; v [B, T, HV, V]; g (log decay), beta [B, T, HV]; initial_state [B, HV, K, V];
+    segment_ids [B, T] (the state restarts where the id changes). Returns (o [B, T, HV, V] in v.dtype, final
+    state [B, HV, K, V] fp32). Differentiable in q, k, v, g, beta and initial_state (jax.custom_vjp)."""
+    if chunk_size != C:
+        raise ValueError(f"the Mosaic GPU kernels use chunks of {C}; got chunk_size={chunk_size}")
     K = q.shape[-1]
     if scale is None:
         scale = K ** -0.5
-    h0 = None if initial_state is None else initial_state.astype(F32)
-    if h0 is None:
+    if initial_state is None:
         h0 = jnp.zeros((q.shape[0], v.shape[2], K, v.shape[3]), F32)
+    else:
+        h0 = initial_state.astype(F32)
     return _gdn(q, k, v, g, beta, h0, segment_ids, bool(use_qk_l2norm), float(scale))
