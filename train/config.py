@@ -86,14 +86,14 @@ class MeshConfig:
 class RunConfig:
     name: str = "tiny"
     out_dir: str = "runs"  # the run lives in out_dir/name/{checkpoints, metrics.jsonl, tensorboard, config.yaml}
-    steps: int = 300
+    steps: int = 200
     seed: int = 0  # parameter initialisation and the step RNG
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     remat: Literal["none", "full", "dots"] = "none"
     gdn_impl: str = "auto"
     log_every: int = 10  # progress-bar refresh and TensorBoard; metrics.jsonl gets every step
-    eval_every: int = 100  # validation every N steps (and at the end); 0 disables it
+    eval_every: int = 50  # validation every N steps (and at the end); 0 disables it
     eval_batches: int = 4
     progress: bool = True
 

@@ -1,0 +1,32 @@
+"""Fine-tuning starts from a Hugging Face checkpoint: its config.json defines the model, its tensors the weights."""
+import os
+
+import numpy as np
+import orbax.checkpoint as ocp
+import yaml
+from safetensors.numpy import load_file
+
+from train import loop
+from train.checkpoint import Checkpoints
+from train.config import CheckpointConfig, load_config
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_mtp")
+
+
+def test_init_from_hf_checkpoint(tmp_path):
+    cfg = load_config("configs/smoke.yaml", [
+        f"train.out_dir={tmp_path}", "train.steps=1", "train.eval_every=0", "checkpoint.every=1",
+        f"checkpoint.init_from_hf={GOLDEN}", "optim.lr=0", "optim.weight_decay=0", "data.batch_size=8"])
+    last = loop.train(cfg)
+    assert np.isfinite(last["loss"])
+    run_dir = tmp_path / "smoke"
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["model"]["hidden_size"] == 16 and resolved["model"]["vocab_size"] == 300  # from config.json
+
+    # With a zero learning rate the saved step-1 parameters are the checkpoint's tensors.
+    manager = Checkpoints(str(run_dir / "checkpoints"), CheckpointConfig()).manager
+    state = manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    lm_head = np.asarray(state["params"]["lm_head"]["kernel"]["value"])
+    hf = load_file(os.path.join(GOLDEN, "model.safetensors"))
+    np.testing.assert_array_equal(lm_head, hf["lm_head.weight"].T)
+    np.testing.assert_array_equal(np.asarray(state["params"]["mtp"]["fc"]["kernel"]["value"]), hf["mtp.fc.weight"].T)
