@@ -34,6 +34,7 @@ LOG2E = math.log2(math.e)
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 EPS = 1e-6
+STATE_STAGES = 2  # TMA pipeline depth of the two sequential state kernels
 GAMW = 32  # per-chunk state decay is stored in 128-byte rows (TMA destinations in SMEM must be 128-byte aligned)
 
 WGMMA = plgpu.Layout.WGMMA
@@ -244,7 +245,7 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
 # --------------------------------------------------------------------------------------------------------------------
 # state kernel: sequential over chunks
 
-def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
+def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, stages=None):
     """Forward state pass; returns o [B, Tp, HV, V] (out_dtype), final state fp32 and, with store_h, the state
     entering every chunk [B, HV, NC, K, V] (bf16)."""
     B, HV, Tp, K = nw.shape
@@ -252,12 +253,12 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
     NC = Tp // C
     NV = V // bv
     dt = nw.dtype
-    ST = 2  # pipeline stages
+    ST = STATE_STAGES if stages is None else stages  # 1: no prefetch, but 2 CTAs fit an SM (96 KB of SMEM)
 
     def body(w_ref, u_ref, a_ref, qd_ref, kd_ref, gam_ref, h0_ref, o_ref, ht_ref, *rest):
         if store_h:
             h_ref, vn_ref, *rest = rest
-        w_s, u_s, a_s, qd_s, kd_s, gam_s, s_s, vn_s, o_s, st_s, in_bar, bar = rest
+        w_s, u_s, a_s, qd_s, kd_s, gam_s, s_s, vn_s, o_s, in_bar = rest
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         iv = lax.axis_index("v")
@@ -274,16 +275,15 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
             plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
 
         issue(0, 0)
-        plgpu.copy_gmem_to_smem(h0_ref.at[b, hv, :, cols], st_s, bar)
-        plgpu.barrier_wait(bar)
-        s0 = plgpu.load(st_s, (), layout=WGMMA)
+        s0 = plgpu.load(h0_ref.at[b, hv, :, cols], (), layout=WGMMA, optimized=False)
 
         def step(n, s):
             slot = lax.rem(n, ST)
 
-            @pl.when(n + 1 < NC)
-            def _():
-                issue(n + 1, lax.rem(n + 1, ST))
+            if ST > 1:
+                @pl.when(n + 1 < NC)
+                def _():
+                    issue(n + 1, lax.rem(n + 1, ST))
 
             plgpu.barrier_wait(in_bar.at[slot])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # s_s / o_s of the last chunk were sent
@@ -299,22 +299,23 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
                 plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[b, hv, pl.ds(n * C, C), cols])
             o, s = _mm_multi([([(qd_s.at[slot], s_s), (a_s.at[slot], vn_s)], (C, bv), None),
                               ([(kd_s.at[slot].T, vn_s)], (K, bv), s * gam_s[slot, 0])])
+            if ST == 1:
+                @pl.when(n + 1 < NC)
+                def _():
+                    issue(n + 1, 0)
             o_s[...] = o.astype(out_dtype)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), hv, cols])
             return s
 
         s = lax.fori_loop(0, NC, step, s0)
-        st_s[...] = s
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(st_s, ht_ref.at[b, hv, :, cols])
         plgpu.wait_smem_to_gmem(0)
+        ht_ref.at[b, hv, :, cols][...] = s
 
     scratch = [_smem((ST, C, K), dt), _smem((ST, C, bv), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
                _smem((ST, C, K), dt), plgpu.SMEM((ST, GAMW), F32),
                _smem((K, bv), dt), _smem((C, bv), dt), _smem((C, bv), out_dtype),
-               plgpu.SMEM((K, bv), F32),
-               plgpu.Barrier(num_arrivals=6, num_barriers=ST), plgpu.Barrier(num_arrivals=1)]
+               plgpu.Barrier(num_arrivals=6, num_barriers=ST)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), out_dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
     if store_h:
         out_type += [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt)]
@@ -323,7 +324,7 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64):
     return f(nw, u, att, qd, kd, gam, h0)
 
 
-def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64):
+def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64, stages=None):
     """Reverse state pass: the gradient of the state leaving every chunk, dS' [B, HV, NC, K, V] (bf16), and of the
     initial state (fp32). Per chunk (reverse): dv_new = P^T do + kd dS'; dS = gam dS' + qd^T do - w^T dv_new."""
     B, HV, Tp, K = nw.shape
@@ -331,10 +332,10 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64):
     NC = Tp // C
     NV = V // bv
     dt = nw.dtype
-    ST = 2
+    ST = STATE_STAGES if stages is None else stages
 
     def body(do_ref, w_ref, a_ref, qd_ref, kd_ref, gam_ref, dht_ref, dsp_ref, dh0_ref,
-             do_s, w_s, a_s, qd_s, kd_s, gam_s, ds_s, dvn_s, st_s, in_bar, bar):
+             do_s, w_s, a_s, qd_s, kd_s, gam_s, ds_s, dvn_s, in_bar):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         iv = lax.axis_index("v")
@@ -351,17 +352,16 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64):
             plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
 
         issue(NC - 1, 0)
-        plgpu.copy_gmem_to_smem(dht_ref.at[b, hv, :, cols], st_s, bar)
-        plgpu.barrier_wait(bar)
-        d0 = plgpu.load(st_s, (), layout=WGMMA)
+        d0 = plgpu.load(dht_ref.at[b, hv, :, cols], (), layout=WGMMA, optimized=False)
 
         def step(i, ds):
             n = NC - 1 - i
             slot = lax.rem(i, ST)
 
-            @pl.when(n > 0)
-            def _():
-                issue(n - 1, lax.rem(i + 1, ST))
+            if ST > 1:
+                @pl.when(n > 0)
+                def _():
+                    issue(n - 1, lax.rem(i + 1, ST))
 
             plgpu.barrier_wait(in_bar.at[slot])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -371,19 +371,22 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64):
             dvn = _mm([(a_s.at[slot].T, do_s.at[slot]), (kd_s.at[slot], ds_s)], (C, bv))
             dvn_s[...] = dvn.astype(dt)
             plgpu.commit_smem()
-            return _mm([(qd_s.at[slot].T, do_s.at[slot]), (w_s.at[slot].T, dvn_s)], (K, bv),
-                       init=ds * gam_s[slot, 0])
+            ds = _mm([(qd_s.at[slot].T, do_s.at[slot]), (w_s.at[slot].T, dvn_s)], (K, bv),
+                     init=ds * gam_s[slot, 0])
+            if ST == 1:
+                @pl.when(n > 0)
+                def _():
+                    issue(n - 1, 0)
+            return ds
 
         ds = lax.fori_loop(0, NC, step, d0)
-        st_s[...] = ds
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(st_s, dh0_ref.at[b, hv, :, cols])
         plgpu.wait_smem_to_gmem(0)
+        dh0_ref.at[b, hv, :, cols][...] = ds
 
     scratch = [_smem((ST, C, bv), dt), _smem((ST, C, K), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
                _smem((ST, C, K), dt), plgpu.SMEM((ST, GAMW), F32),
-               _smem((K, bv), dt), _smem((C, bv), dt), plgpu.SMEM((K, bv), F32),
-               plgpu.Barrier(num_arrivals=6, num_barriers=ST), plgpu.Barrier(num_arrivals=1)]
+               _smem((K, bv), dt), _smem((C, bv), dt),
+               plgpu.Barrier(num_arrivals=6, num_barriers=ST)]
     out_type = [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
     f = _kernel(body, name="gdn_state_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
