@@ -1,14 +1,19 @@
 """Mosaic GPU (Hopper) Gated DeltaNet kernel: forward and gradients against the token-by-token definition.
 
-Runs only where JAX's default backend is a GPU (the kernel needs sm_90); skipped elsewhere.
+The GPU tests run only where JAX's default backend is a GPU (the kernels need sm_90); skipped elsewhere. One small
+test runs the same kernels on the CPU through Pallas' Mosaic GPU interpreter, which checks their logic (indexing,
+masks, segment handling, the backward algebra) but not the GPU lowering.
 """
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a Hopper GPU (Mosaic GPU kernels)")]
+
+
+def gpu(fn):
+    fn = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a Hopper GPU (Mosaic GPU kernels)")(fn)
+    return pytest.mark.gpu(fn)
 
 
 def _l2n(x):
@@ -78,6 +83,7 @@ CASES = [
 ]
 
 
+@gpu
 @pytest.mark.parametrize("B,T,H,HV,K,V,n_docs,use_h0", CASES)
 def test_forward_matches_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
     from kernels_pallas.gdn import pallas_gpu
@@ -92,6 +98,7 @@ def test_forward_matches_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
     assert rel(s, rs) < 1e-2
 
 
+@gpu
 @pytest.mark.parametrize("B,T,H,HV,K,V,n_docs,use_h0", CASES)
 def test_gradients_match_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
     from kernels_pallas.gdn import pallas_gpu
@@ -117,6 +124,7 @@ def test_gradients_match_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
         assert rel(a, b) < 2e-2, (name, rel(a, b))
 
 
+@gpu
 @pytest.mark.parametrize("l2norm,scale", [(False, 0.05), (True, 0.3)])
 def test_options_without_l2norm_and_custom_scale(l2norm, scale):
     from kernels_pallas.gdn import pallas_gpu
@@ -144,6 +152,7 @@ def test_options_without_l2norm_and_custom_scale(l2norm, scale):
         assert rel(a, b) < 2e-2, (name, rel(a, b))
 
 
+@gpu
 def test_dispatch_auto_picks_the_kernel():
     import kernels_pallas.gdn as gdn
     q, k, v, g, beta, h0, seg = make(1, 130, 1, 2, 128, 128, n_docs=2)
@@ -152,6 +161,7 @@ def test_dispatch_auto_picks_the_kernel():
     assert rel(o1, o2) < 1e-6 and rel(s1, s2) < 1e-6
 
 
+@gpu
 def test_supports_predicate():
     from kernels_pallas.gdn import pallas_gpu
     q, k, v, g, beta, h0, seg = make(1, 64, 1, 2, 128, 128)
@@ -162,3 +172,31 @@ def test_supports_predicate():
     q3, k3, v3, *_ = make(1, 64, 1, 2, 256, 256)
     assert not pallas_gpu.supports(q3, k3, v3, g, beta)       # head dim 256: not covered, falls back
     assert not pallas_gpu.supports(q, k, v, g, beta, chunk_size=32)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests above run the kernels themselves")
+def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch):
+    """Forward and gradients of the Mosaic GPU kernels through plgpu's interpreter (any backend, small shapes)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+    from kernels_pallas.gdn import pallas_gpu
+    monkeypatch.setattr(pallas_gpu, "_INTERPRET", plgpu.InterpretGPUParams())
+    q, k, v, g, beta, h0, seg = make(1, 100, 1, 2, 64, 64, n_docs=2, seed=4)
+    kw = jax.random.split(jax.random.PRNGKey(8), 2)
+    wo = jax.random.normal(kw[0], (1, 100, 2, 64))
+    ws = jax.random.normal(kw[1], (1, 2, 64, 64))
+
+    def loss(fn):
+        def f(q, k, v, g, beta, h0):
+            o, s = fn(q, k, v, g, beta, h0)
+            return jnp.sum(o.astype(jnp.float32) * wo) + jnp.sum(s * ws), (o, s)
+        return f
+
+    kern = loss(lambda q, k, v, g, beta, h0: pallas_gpu.gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                                                         segment_ids=seg))
+    ref = loss(lambda q, k, v, g, beta, h0: recurrent_ref(q, k, v, g, beta, h0, seg))
+    gk, (ok, sk) = jax.grad(kern, argnums=range(6), has_aux=True)(q, k, v, g, beta, h0)
+    gr, (orf, srf) = jax.grad(ref, argnums=range(6), has_aux=True)(q, k, v, g, beta, h0)
+    assert rel(ok, orf) < 1e-2 and rel(sk, srf) < 1e-2
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), gk, gr):
+        assert rel(a, b) < 2e-2, (name, rel(a, b))

@@ -15,7 +15,11 @@ Layout of the computation (chunk C = 64 tokens, per batch b and value head hv):
   (fp32) in registers and a double-buffered TMA pipeline: ``v_new = u - w S``, ``o = qd S + P v_new``,
   ``S <- gam S + kd^T v_new``. Writes o in the user layout ``[B, T, HV, V]`` and the final state.
 
-Backward (``jax.custom_vjp``): see ``_bwd``.
+Backward (``jax.custom_vjp``): the forward also stores the state entering every chunk and v_new; ``_state_bwd``
+(reverse sequential) gives the gradient of the state leaving every chunk and of the initial state; ``_chunk_bwd``
+(parallel per chunk) recomputes the chunk's intra-chunk factors and gives dq, dk, dv, dbeta and the gate-gradient
+pieces; XLA sums GVA groups and takes the reverse cumsum for dg. Measurements: benchmarks/RESULTS.md and
+benchmarks/notes_gdn_gpu.md.
 """
 from __future__ import annotations
 
@@ -171,22 +175,22 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         plgpu.barrier_wait(bar)
 
         # normalised q, k go to SMEM as bf16 right away (few fp32 tiles live: no spills)
-        qf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        qf = plgpu.load(q_s, layout=WGMMA).astype(F32)
         if l2norm:
             q_s[...] = (qf * _rows(lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS) * scale, (C, K))).astype(dt)
         else:
             q_s[...] = (qf * scale).astype(dt)
-        kf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        kf = plgpu.load(k_s, layout=WGMMA).astype(F32)
         if l2norm:
             k_s[...] = (kf * _rows(lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS), (C, K))).astype(dt)
         else:
             k_s[...] = kf.astype(dt)
         plgpu.commit_smem()
-        gi = plgpu.load(g_r, (), layout=ROWS)
-        gj = plgpu.load(g_c, (), layout=COLS)
-        bi = plgpu.load(b_r, (), layout=ROWS)
-        ri = plgpu.load(run_r, (), layout=ROWS)
-        rj = plgpu.load(run_c, (), layout=COLS)
+        gi = plgpu.load(g_r, layout=ROWS)
+        gj = plgpu.load(g_c, layout=COLS)
+        bi = plgpu.load(b_r, layout=ROWS)
+        ri = plgpu.load(run_r, layout=ROWS)
+        rj = plgpu.load(run_c, layout=COLS)
 
         def masks():
             ii, jj = _iota((C, C), 0), _iota((C, C), 1)
@@ -206,12 +210,12 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         x = _inverse(n, jnp.where(ii == jj, 1.0, 0.0).astype(F32), p_s, dt)
 
-        ci = plgpu.load(cin_r, (), layout=ROWS)
-        ti = plgpu.load(tail_r, (), layout=ROWS)
+        ci = plgpu.load(cin_r, layout=ROWS)
+        ti = plgpu.load(tail_r, layout=ROWS)
         gam_i = jnp.exp2(gi)
-        knf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
         bk_s[...] = (knf * _rows(bi * gam_i * ci, (C, K))).astype(dt)
-        vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
+        vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
         v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
         plgpu.commit_smem()
         # -w (the state kernels only accumulate) and u, issued together
@@ -221,7 +225,7 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         u_o[...] = u.astype(dt)
         g_last = g_x[C - 1]
         k_s[...] = (knf * _rows(jnp.exp2(g_last - gi) * ti, (C, K))).astype(dt)
-        qnf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
         q_s[...] = (qnf * _rows(gam_i * ci, (C, K))).astype(dt)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(w_o, w_ref.at[b, hv, rows])
@@ -275,7 +279,7 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, s
             plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
 
         issue(0, 0)
-        s0 = plgpu.load(h0_ref.at[b, hv, :, cols], (), layout=WGMMA, optimized=False)
+        s0 = plgpu.load(h0_ref.at[b, hv, :, cols], layout=WGMMA, optimized=False)
 
         def step(n, s):
             slot = lax.rem(n, ST)
@@ -291,7 +295,7 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, s
             plgpu.commit_smem()
             if store_h:
                 plgpu.copy_smem_to_gmem(s_s, h_ref.at[b, hv, n, :, cols])
-            uf = plgpu.load(u_s.at[slot], (), layout=WGMMA).astype(F32)
+            uf = plgpu.load(u_s.at[slot], layout=WGMMA).astype(F32)
             vn = _mm([(w_s.at[slot], s_s)], (C, bv), init=uf)            # u - w S
             vn_s[...] = vn.astype(dt)
             plgpu.commit_smem()
@@ -352,7 +356,7 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64, stages=None):
             plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
 
         issue(NC - 1, 0)
-        d0 = plgpu.load(dht_ref.at[b, hv, :, cols], (), layout=WGMMA, optimized=False)
+        d0 = plgpu.load(dht_ref.at[b, hv, :, cols], layout=WGMMA, optimized=False)
 
         def step(i, ds):
             n = NC - 1 - i
@@ -428,26 +432,26 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
 
         # Phases keep at most about two [C, K] fp32 arrays live (the rest goes through SMEM as bf16), so that the
         # single warpgroup does not spill.
-        qf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        qf = plgpu.load(q_s, layout=WGMMA).astype(F32)
         if l2norm:
             rq = lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS)
             q_s[...] = (qf * _rows(rq * scale, (C, K))).astype(dt)
         else:
             q_s[...] = (qf * scale).astype(dt)
-        kf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        kf = plgpu.load(k_s, layout=WGMMA).astype(F32)
         if l2norm:
             rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
             k_s[...] = (kf * _rows(rk, (C, K))).astype(dt)
         else:
             k_s[...] = kf.astype(dt)
         plgpu.commit_smem()
-        gi = plgpu.load(g_r, (), layout=ROWS)
-        gj = plgpu.load(g_c, (), layout=COLS)
-        bi = plgpu.load(b_r, (), layout=ROWS)
-        ri = plgpu.load(run_r, (), layout=ROWS)
-        rj = plgpu.load(run_c, (), layout=COLS)
-        ci = plgpu.load(cin_r, (), layout=ROWS)
-        ti = plgpu.load(tail_r, (), layout=ROWS)
+        gi = plgpu.load(g_r, layout=ROWS)
+        gj = plgpu.load(g_c, layout=COLS)
+        bi = plgpu.load(b_r, layout=ROWS)
+        ri = plgpu.load(run_r, layout=ROWS)
+        rj = plgpu.load(run_c, layout=COLS)
+        ci = plgpu.load(cin_r, layout=ROWS)
+        ti = plgpu.load(tail_r, layout=ROWS)
         g_last = g_x[C - 1]
         gam_i = jnp.exp2(gi)
         gci = gam_i * ci                      # qd = qn * gci
@@ -473,12 +477,12 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         plgpu.commit_smem()
 
         # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
-        kd16 = (plgpu.load(k_s, (), layout=WGMMA).astype(F32) * _rows(kdec, (C, K))).astype(dt)
+        kd16 = (plgpu.load(k_s, layout=WGMMA).astype(F32) * _rows(kdec, (C, K))).astype(dt)
         dvn = _mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
         dvn16 = dvn.astype(dt)
         dvn_s[...] = dvn16
         ii, jj, strict, incl = masks()
-        kkd = plgpu.load(kkd_s, (), layout=WGMMA).astype(F32)
+        kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
         ia16 = (kkd * _rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
         y_s[...] = _mm([(ia16, vn_s)], (C, V)).astype(dt)
         plgpu.commit_smem()
@@ -488,7 +492,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         da = _mm([(m_s.T, z_s)], (C, C))
         ii, jj, strict, incl = masks()
         da = jnp.where(strict, da * -1.0, 0.0)
-        kkd = plgpu.load(kkd_s, (), layout=WGMMA).astype(F32)
+        kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
         dakkd = da * kkd
         db = jnp.sum(dakkd, axis=1)
         ea = dakkd * _rows(bi, (C, C))                      # dA * A
@@ -498,11 +502,11 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
 
         # phase C: dXv = M^T dv_new; dv = beta dXv; -dXk = dXv S^T
         dxv = _mm([(m_s.T, dvn_s)], (C, V))
-        vf = plgpu.load(v_s, (), layout=WGMMA).astype(F32)
+        vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
         db = db + jnp.sum(vf * dxv, axis=1)
         y_s[...] = (dxv * _rows(bi, (C, V))).astype(dt)     # dv (staged)
         ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))
-        knf = plgpu.load(k_s, (), layout=WGMMA).astype(F32)
+        knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
         t = jnp.sum(knf * ndxk, axis=1)
         db = db - t * gci
         dg_row = dg_row - t * bgci
@@ -517,7 +521,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         # phase E: dP = do v_new^T
         dp = _mm([(do_s, vn_s.T)], (C, C))
         ii, jj, strict, incl = masks()
-        ep = dp * plgpu.load(p_s, (), layout=WGMMA).astype(F32)
+        ep = dp * plgpu.load(p_s, layout=WGMMA).astype(F32)
         dg_row = dg_row + jnp.sum(ep, axis=1)
         dg_col = dg_col - jnp.sum(ep, axis=0)
         dpd16 = jnp.where(incl, dp * decay(incl), 0.0).astype(dt)
@@ -534,7 +538,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
 
         # phase G: dqd = do S^T; dqn = dPD kn + gci dqd; L2-norm backward of q
         dqd = _mm([(do_s, s_s.T)], (C, K))
-        qnf = plgpu.load(q_s, (), layout=WGMMA).astype(F32)
+        qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
         dg_row = dg_row + jnp.sum(qnf * dqd, axis=1) * gci
         dqn = _mm([(dpd16, k_s)], (C, K), init=dqd * _rows(gci, (C, K)))
         if l2norm:
@@ -547,8 +551,8 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         k_s[...] = dk.astype(dt)
         for half in range(K // 64):
             sl = pl.ds(half * 64, 64)
-            sf = plgpu.load(s_s.at[sl], (), layout=WGMMA).astype(F32)
-            dsf = plgpu.load(ds_s.at[sl], (), layout=WGMMA).astype(F32)
+            sf = plgpu.load(s_s.at[sl], layout=WGMMA).astype(F32)
+            dsf = plgpu.load(ds_s.at[sl], layout=WGMMA).astype(F32)
             o_k[sl] = jnp.sum(sf * dsf, axis=1)
         o_r[...] = db
         o_c[...] = dg_col
@@ -628,121 +632,6 @@ def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, store_h=Fa
     nw, u, att, qd, kd, gam = _intermediates(q, k, v, g, beta, segment_ids, use_qk_l2norm, scale)
     outs = _state(nw, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype, store_h=store_h)
     return (outs[0][:, :T],) + tuple(outs[1:])
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# pure-JAX chunked form (differentiable), used for the backward pass
-
-def _l2n(x):
-    return x * lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + EPS)
-
-
-def _chunked_jax(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
-    """Chunked gated delta rule in fp32 XLA with segment resets; same math as the kernels."""
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    r = HV // H
-    pad = (-T) % C
-    Tp = T + pad
-    NC = Tp // C
-    hp = lax.Precision.HIGHEST
-    qf, kf = q.astype(F32), k.astype(F32)
-    if use_qk_l2norm:
-        qf, kf = _l2n(qf), _l2n(kf)
-    qf = qf * scale
-    qf, kf = jnp.repeat(qf, r, axis=2), jnp.repeat(kf, r, axis=2)
-    vf = v.astype(F32)
-    padt = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
-    qf, kf, vf, gf, bf = [padt(x) for x in (qf, kf, vf, g.astype(F32), beta.astype(F32))]
-    ch = lambda x: x.reshape(B, NC, C, HV, -1).transpose(0, 3, 1, 2, 4)     # [B, HV, NC, C, D]
-    qc, kc, vc = ch(qf), ch(kf), ch(vf)
-    gc = jnp.cumsum(gf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2), -1)      # [B, HV, NC, C]
-    bc = bf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2)
-    runs = jnp.pad(_runs(segment_ids, B, T), ((0, 0), (0, pad)), mode="edge").reshape(B, NC, C)
-    entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)
-    cin = (runs == entering).astype(F32)[:, None]
-    tail = (runs == runs[:, :, -1:]).astype(F32)[:, None]
-    same = (runs[..., :, None] == runs[..., None, :])[:, None]
-    ii = jnp.arange(C)[:, None]
-    jj = jnp.arange(C)[None, :]
-    strict = (ii > jj) & same
-    incl = (ii >= jj) & same
-    diff = gc[..., :, None] - gc[..., None, :]
-    dec_s = jnp.exp(jnp.where(strict, diff, -jnp.inf))
-    dec_i = jnp.exp(jnp.where(incl, diff, -jnp.inf))
-    A = jnp.einsum("...ik,...jk->...ij", kc, kc, precision=hp) * bc[..., :, None] * dec_s
-    eye = jnp.eye(C, dtype=F32)
-    M = jax.scipy.linalg.solve_triangular(eye + A, jnp.broadcast_to(eye, A.shape), lower=True, unit_diagonal=True)
-    Gm = jnp.exp(gc)
-    w = jnp.einsum("...ij,...jk->...ik", M, kc * (bc * Gm * cin)[..., None], precision=hp)
-    u = jnp.einsum("...ij,...jv->...iv", M, vc * bc[..., None], precision=hp)
-    P = jnp.einsum("...ik,...jk->...ij", qc, kc, precision=hp) * dec_i
-    qd = qc * (Gm * cin)[..., None]
-    kd = kc * (jnp.exp(gc[..., -1:] - gc) * tail)[..., None]
-    gam = jnp.exp(gc[..., -1]) * cin[..., -1]
-    s0 = jnp.zeros((B, HV, K, V), F32) if h0 is None else h0.astype(F32)
-    xs = [x.transpose(2, 0, 1, *range(3, x.ndim)) for x in (w, u, P, qd, kd, gam)]
-
-    def step(s, x):
-        w_, u_, P_, qd_, kd_, gm_ = x
-        vn = u_ - jnp.einsum("bhck,bhkv->bhcv", w_, s, precision=hp)
-        o = jnp.einsum("bhck,bhkv->bhcv", qd_, s, precision=hp) + jnp.einsum("bhcj,bhjv->bhcv", P_, vn, precision=hp)
-        s = s * gm_[..., None, None] + jnp.einsum("bhck,bhcv->bhkv", kd_, vn, precision=hp)
-        return s, o
-
-    s, o = lax.scan(step, s0, xs)
-    o = o.transpose(1, 0, 3, 2, 4).reshape(B, Tp, HV, V)[:, :T]
-    return o, s
-
-
-def _chunk_parallel(q, k, v, g, beta, hc, segment_ids, use_qk_l2norm, scale):
-    """Every chunk at once given the state entering it (hc [B, HV, NC, K, V], a constant here): o [B, T, HV, V] and
-    the state leaving every chunk [B, HV, NC, K, V], fp32, differentiable in q, k, v, g, beta. The backward pass
-    takes its VJP with the state-leaving cotangents from the reverse state kernel."""
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    r = HV // H
-    pad = (-T) % C
-    Tp = T + pad
-    NC = Tp // C
-    qf, kf = q.astype(F32), k.astype(F32)
-    if use_qk_l2norm:
-        qf, kf = _l2n(qf), _l2n(kf)
-    qf = qf * scale
-    qf, kf = jnp.repeat(qf, r, axis=2), jnp.repeat(kf, r, axis=2)
-    qf, kf, vf, gf, bf = [_pad_t(x, pad) for x in (qf, kf, v.astype(F32), g.astype(F32), beta.astype(F32))]
-    ch = lambda x: x.reshape(B, NC, C, HV, -1).transpose(0, 3, 1, 2, 4)     # [B, HV, NC, C, D]
-    qc, kc, vc = ch(qf), ch(kf), ch(vf)
-    gc = jnp.cumsum(gf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2), -1)      # [B, HV, NC, C]
-    bc = bf.reshape(B, NC, C, HV).transpose(0, 3, 1, 2)
-    runs = jnp.pad(_runs(segment_ids, B, T), ((0, 0), (0, pad)), mode="edge").reshape(B, NC, C)
-    entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)
-    cin = (runs == entering).astype(F32)[:, None]
-    tail = (runs == runs[:, :, -1:]).astype(F32)[:, None]
-    same = (runs[..., :, None] == runs[..., None, :])[:, None]
-    ii = jnp.arange(C)[:, None]
-    jj = jnp.arange(C)[None, :]
-    strict = (ii > jj) & same
-    incl = (ii >= jj) & same
-    diff = gc[..., :, None] - gc[..., None, :]
-    dec_s = jnp.exp(jnp.where(strict, diff, -jnp.inf))
-    dec_i = jnp.exp(jnp.where(incl, diff, -jnp.inf))
-    A = jnp.einsum("...ik,...jk->...ij", kc, kc) * bc[..., :, None] * dec_s
-    eye = jnp.eye(C, dtype=F32)
-    Gm = jnp.exp(gc)
-    rhs = jnp.concatenate([kc * (bc * Gm * cin)[..., None], vc * bc[..., None]], -1)
-    wu = jax.scipy.linalg.solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
-    w, u = wu[..., :K], wu[..., K:]
-    P = jnp.einsum("...ik,...jk->...ij", qc, kc) * dec_i
-    qd = qc * (Gm * cin)[..., None]
-    kd = kc * (jnp.exp(gc[..., -1:] - gc) * tail)[..., None]
-    gam = jnp.exp(gc[..., -1]) * cin[..., -1]
-    S = lax.stop_gradient(hc.astype(F32))
-    vn = u - jnp.einsum("...ck,...kv->...cv", w, S)
-    o = jnp.einsum("...ck,...kv->...cv", qd, S) + jnp.einsum("...cj,...jv->...cv", P, vn)
-    s_out = S * gam[..., None, None] + jnp.einsum("...ck,...cv->...kv", kd, vn)
-    o = o.transpose(0, 2, 3, 1, 4).reshape(B, Tp, HV, V)[:, :T]
-    return o, s_out
 
 
 # --------------------------------------------------------------------------------------------------------------------
