@@ -229,6 +229,35 @@ def _rename(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             "positions": batch["tokens_positions"]}
 
 
+def _slices_as_tuples(state):
+    """grain's ConcatThenSplit marks "no remainder" with the tuple (-1, -1) and compares its state against it, but
+    a state read back from grain's JSON checkpoint holds lists; turn its `remainder_slices` back into tuples."""
+    if isinstance(state, dict):
+        return {k: {f: tuple(sl) for f, sl in v.items()} if k == "remainder_slices" else _slices_as_tuples(v)
+                for k, v in state.items()}
+    if isinstance(state, list):
+        return [_slices_as_tuples(v) for v in state]
+    return state
+
+
+class _CheckpointableIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(_slices_as_tuples(state))
+
+
+class _Checkpointable(grain.IterDataset):
+    """The pipeline's outermost stage: restores exactly from a state that went through JSON."""
+
+    def __iter__(self):
+        return _CheckpointableIterator(self._parent.__iter__())
+
+
 def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int | None,
                    row_shuffle_window: int = 0, num_workers: int = 0, process_index: int = 0,
                    process_count: int = 1) -> grain.IterDataset:
@@ -252,7 +281,7 @@ def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int,
         if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, which a non-absl program never parses
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
-    return batches
+    return _Checkpointable(batches)
 
 
 def train_and_val(cfg: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1
