@@ -42,7 +42,7 @@ class NonFiniteError(RuntimeError):
 
 def build_model(cfg: TrainConfig, mesh) -> Qwen3NextForCausalLM:
     """A fresh model created in its shards, or a Hugging Face checkpoint to fine-tune (its config wins)."""
-    kw = dict(gdn_impl=cfg.train.gdn_impl, remat=cfg.train.remat)
+    kw = dict(gdn_impl=cfg.train.gdn_impl, attention_impl=cfg.train.attention_impl, remat=cfg.train.remat)
     compute, param_dtype = jnp.dtype(cfg.train.compute_dtype), jnp.dtype(cfg.train.param_dtype)
     if cfg.checkpoint.init_from_hf:
         from qwen3next_jax.hf_io import load_hf_checkpoint
