@@ -18,7 +18,7 @@ def _data_iter(tmp_path):
     for i in range(12):
         (tmp_path / "docs" / f"{i}.txt").write_text(f"text {i} " * 9)
     train, _ = train_and_val(DataConfig(sources=[str(tmp_path / "docs")], seq_len=8, batch_size=2,
-                                        row_shuffle_window=4), ByteTokenizer())
+                                        packing_streams=3, row_shuffle_window=4), ByteTokenizer())
     return train
 
 

@@ -89,8 +89,8 @@ def test_split_and_host_shards_are_disjoint(corpus):
 
 @pytest.mark.parametrize("num_workers, window", [(0, 0), (0, 8), (0, 100), (1, 8)])
 def test_iterator_state_round_trip(corpus, num_workers, window):
-    cfg = DataConfig(sources=[corpus["jsonl"]], seq_len=16, batch_size=2, row_shuffle_window=window,
-                     num_workers=num_workers)
+    cfg = DataConfig(sources=[corpus["jsonl"]], seq_len=16, batch_size=2, packing_streams=4,
+                     row_shuffle_window=window, num_workers=num_workers)
     train, _ = train_and_val(cfg, ByteTokenizer())
     it = iter(train)
     for _ in range(5):

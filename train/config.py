@@ -35,6 +35,7 @@ class DataConfig:
     seq_len: int = 128
     batch_size: int = 16  # global rows per optimizer step (split into optim.grad_accum_steps micro-batches)
     seed: int = 0
+    packing_streams: int = 16  # documents packed side by side in interleaved streams: a batch mixes many
     row_shuffle_window: int = 1024  # packed rows are shuffled within windows of this many; 0 keeps their order
     val_fraction: float = 0.02  # share of documents held out for validation
     num_workers: int = 0  # grain worker processes that tokenize and pack ahead of the step; 0 = in this process

@@ -3,9 +3,9 @@
 The pipeline (per host):
 
     documents (random access)  -> every process_count-th document (per-host shard)
-    -> shuffle(seed), reshuffled every epoch, repeated forever  -> tokenise (+ end-of-document token)
-    -> grain's ConcatThenSplit packing into rows of seq_len  -> rows shuffled within a window  -> batch
-    -> worker processes (optional)
+    -> shuffle(seed)  -> `packing_streams` disjoint slices, each reshuffled every epoch, repeated forever,
+       tokenised (+ end-of-document token) and packed by grain's ConcatThenSplit into rows of seq_len
+    -> rows taken from the streams in turn, shuffled within a window  -> batch  -> worker processes (optional)
 
 Packing concatenates documents and splits at row ends, so no token is dropped and rows need no padding. Each row
 carries `segment_ids` (1, 2, ... per document piece, 0 = padding) and `positions` (restarting at 0 at each piece);
@@ -259,7 +259,7 @@ class _Checkpointable(grain.IterDataset):
 
 
 def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int | None,
-                   row_shuffle_window: int = 0, num_workers: int = 0, process_index: int = 0,
+                   streams: int = 1, row_shuffle_window: int = 0, num_workers: int = 0, process_index: int = 0,
                    process_count: int = 1) -> grain.IterDataset:
     """Batches {input_ids, segment_ids, positions} of shape [batch_size, seq_len], int32, forever.
 
@@ -270,11 +270,15 @@ def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int,
         raise ValueError(f"host {process_index} of {process_count} got no documents")
     if seed is not None:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(None).map(_Tokenize(tokenizer))
-    packed = grain.experimental.ConcatThenSplitIterDataset(ds.to_iter_dataset(), length_struct={"tokens": seq_len})
+    # Concat-then-split packing turns a long document into many consecutive rows. Packing `streams` disjoint
+    # slices of the documents side by side and taking rows from each in turn gives every batch rows of many
+    # documents; rows are then also shuffled within windows. All of it is checkpointed with the iterator.
+    streams = min(streams, len(ds))
+    packed = grain.experimental.InterleaveIterDataset([
+        grain.experimental.ConcatThenSplitIterDataset(
+            ds[i::streams].repeat(None).map(_Tokenize(tokenizer)).to_iter_dataset(), length_struct={"tokens": seq_len})
+        for i in range(streams)], cycle_length=streams)
     if seed is not None and row_shuffle_window > 1:
-        # Consecutive rows come from the same long document; mixing rows across a window of them gives each
-        # batch many documents. The window's state (its start and position) is checkpointed like the rest.
         packed = grain.experimental.WindowShuffleIterDataset(packed, window_size=row_shuffle_window, seed=seed)
     batches = packed.batch(batch_size, drop_remainder=True).map(_rename)
     if num_workers > 0:
@@ -292,7 +296,8 @@ def train_and_val(cfg: DataConfig, tokenizer, *, process_index: int = 0, process
     train_docs, val_docs = split_documents(cfg)
     kw: dict[str, Any] = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size // process_count,
                               process_index=process_index, process_count=process_count)
-    train = packed_batches(train_docs, tokenizer, seed=cfg.seed, row_shuffle_window=cfg.row_shuffle_window,
+    train = packed_batches(train_docs, tokenizer, seed=cfg.seed, streams=cfg.packing_streams,
+                           row_shuffle_window=cfg.row_shuffle_window,
                            num_workers=cfg.num_workers, **kw)
     val = packed_batches(val_docs, tokenizer, seed=None, **kw)
     return train, val
