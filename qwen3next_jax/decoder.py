@@ -30,7 +30,8 @@ REMAT_POLICIES = {
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: Qwen3NextConfig, layer_type: str, sparse: bool, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, gdn_impl: str = "auto", attention_impl: str | None = None):
+                 param_dtype=jnp.float32, gdn_impl: str = "auto", attention_impl: str | None = None,
+                 moe_impl: str = "auto"):
         self.layer_type = layer_type
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
@@ -40,7 +41,7 @@ class DecoderLayer(nnx.Module):
         else:
             self.mixer = GatedDeltaNet(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, gdn_impl=gdn_impl)
         if sparse:
-            self.mlp = SparseMoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+            self.mlp = SparseMoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
         else:
             self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                            std=cfg.initializer_range)

@@ -40,16 +40,18 @@ class Qwen3NextForCausalLM(nnx.Module):
     """Qwen3-Next with its LM head and multi-token prediction.
 
     dtype is the compute dtype, param_dtype the storage dtype of the weights. gdn_impl picks the Gated DeltaNet
-    implementation (see kernels_pallas.gdn); attention_impl is passed to jax.nn.dot_product_attention; remat is
+    implementation (see kernels_pallas.gdn); attention_impl is passed to jax.nn.dot_product_attention; moe_impl
+    picks the experts' grouped matmul (see moe.Experts); remat is
     one of decoder.REMAT_POLICIES. segment_ids (int, 0 = padding) mark packed documents; positions default to
     0.. within each document.
     """
 
     def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 gdn_impl: str = "auto", attention_impl: str | None = None, remat: str = "none"):
+                 gdn_impl: str = "auto", attention_impl: str | None = None, moe_impl: str = "auto",
+                 remat: str = "none"):
         self.config = cfg
         self.dtype = dtype
-        layer_kw = dict(gdn_impl=gdn_impl, attention_impl=attention_impl)
+        layer_kw = dict(gdn_impl=gdn_impl, attention_impl=attention_impl, moe_impl=moe_impl)
         self.model = Qwen3NextModel(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat, **layer_kw)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
             cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
