@@ -38,12 +38,11 @@ def _one_by_one(packed):
             cols = np.flatnonzero(seg[r] == s)
             rows.append(np.pad(ids[r, cols], (0, T - len(cols))))
             where.append((r, cols))
-    n = len(rows)
     lengths = [len(c) for _, c in where]
     seg1 = np.stack([np.pad(np.ones(L, np.int32), (0, T - L)) for L in lengths])
     pos1 = np.stack([np.pad(np.arange(L, dtype=np.int32), (0, T - L)) for L in lengths])
     return {"input_ids": jnp.asarray(np.stack(rows)), "segment_ids": jnp.asarray(seg1),
-            "positions": jnp.asarray(pos1)}, where, n
+            "positions": jnp.asarray(pos1)}, where
 
 
 def test_packed_equals_one_by_one(tmp_path):
@@ -52,10 +51,11 @@ def test_packed_equals_one_by_one(tmp_path):
     seg = np.asarray(packed["segment_ids"])
     assert (seg > 0).all() and seg.max() >= 3, "the rows should hold several documents"
     # positions restart at 0 with each piece
+    positions = np.asarray(packed["positions"])
     for r in range(seg.shape[0]):
         for s in np.unique(seg[r]):
-            np.testing.assert_array_equal(np.asarray(packed["positions"])[r][seg[r] == s], np.arange((seg[r] == s).sum()))
-    single, where, _ = _one_by_one(packed)
+            np.testing.assert_array_equal(positions[r][seg[r] == s], np.arange((seg[r] == s).sum()))
+    single, where = _one_by_one(packed)
 
     model = Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
     graphdef, params = nnx.split(model, nnx.Param)
