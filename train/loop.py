@@ -120,6 +120,7 @@ def validation_loss(eval_fn, params, val_ds, n_batches: int, sharding, mtp_depth
     for _ in range(n_batches):
         sums = jax.device_get(eval_fn(params, _global_batch(next(it), sharding)))
         total = sums if total is None else {k: total[k] + sums[k] for k in sums}
+    it.close()
     out = {"val_loss": float(total["ce"] / max(total["n"], 1))}
     for d in range(1, mtp_depths + 1):
         out[f"val_mtp{d}"] = float(total[f"mtp{d}"] / max(total[f"n{d}"], 1))
@@ -240,6 +241,5 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         bar.close()
         ckpt.close()
         metrics_log.close()
-        if hasattr(train_iter, "close"):  # stops grain's worker processes
-            train_iter.close()
+        train_iter.close()  # stops grain's threads and worker processes
     return last
