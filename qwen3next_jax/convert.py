@@ -106,13 +106,7 @@ def load_orbax_params(directory: str | os.PathLike, dtype=None, mesh=None, **mod
         extra = sorted(".".join(k) for k in stored_leaves if k not in {tuple(str(p) for p in t) for t in target})
         if extra:
             raise hf_io.CheckpointMismatchError(f"{params_dir}: arrays with no parameter: {extra}")
-        abstract = nnx.to_pure_dict(state)
-        for path, sds in target.items():
-            d = abstract
-            for k in path[:-1]:
-                d = d[k]
-            d[path[-1]] = sds
-        restored = ckptr.restore(params_dir, abstract)
+        restored = ckptr.restore(params_dir, hf_io.pure_dict_with(state, target))
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model

@@ -432,15 +432,20 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.M
             values[spec.path] = _load_leaf(reader, spec, cast, shardings.get(spec.path))
     finally:
         reader.close()
-    pure = nnx.to_pure_dict(state)
-    for p, v in values.items():
-        d = pure
-        for k in p[:-1]:
-            d = d[k]
-        d[p[-1]] = v
-    nnx.replace_by_pure_dict(state, pure)
+    nnx.replace_by_pure_dict(state, pure_dict_with(state, values))
     nnx.update(model, state)
     return model
+
+
+def pure_dict_with(state: nnx.State, leaves: dict[tuple, Any]) -> dict:
+    """nnx.to_pure_dict(state) with the leaf at each path (a tuple of keys) replaced by the given value."""
+    pure = nnx.to_pure_dict(state)
+    for path, value in leaves.items():
+        d = pure
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value
+    return pure
 
 
 # ====================================================================================================== export
