@@ -1,15 +1,12 @@
 """Test session setup.
 
-Eight fake CPU devices so sharding tests build real meshes (tests use device 0 otherwise). Where no CUDA plugin is
-installed, JAX is kept on the CPU: libtpu (installed for the TPU kernels' ahead-of-time compile tests) would
-otherwise make every test process probe for TPU chips and contend for libtpu's lock file.
+Eight fake CPU devices so sharding tests build real meshes (tests use device 0 otherwise), and no probing for TPU
+chips on hosts without them (libtpu is installed for the TPU kernels' ahead-of-time compile tests; every test
+process would otherwise try to open chips and contend for libtpu's lock file).
 """
-import importlib.util
-import os
+from qwen3next_jax.platforms import skip_absent_tpu
 
-if importlib.util.find_spec("jax_plugins") is None or not any(
-        importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)):
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+skip_absent_tpu()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

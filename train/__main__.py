@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"qwen3next-train: config error: {e}\n")
     import jax
 
+    from qwen3next_jax.platforms import skip_absent_tpu
     from train.loop import train  # after the config is known good: importing JAX takes a while
+
+    skip_absent_tpu()
 
     if not jax.config.jax_compilation_cache_dir:  # a resumed run loads the step it compiled before
         jax.config.update("jax_compilation_cache_dir", os.path.join(cfg.train.out_dir, ".jax_cache"))
