@@ -50,20 +50,22 @@ def bench_one(preset: str, B: int, T: int, attention_impl: str | None, remat: st
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
+    losses = [float(metrics["loss"])]  # every step's loss: a NaN is told apart from a later divergence
     for _ in range(2):
         state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
+        losses.append(float(metrics["loss"]))
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
+        losses.append(float(metrics["loss"]))
     dt = statistics.median(times)
     tps = B * T / dt
     peak = peak_flops(jax.devices()[0])
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(step_ms=dt * 1e3, tok_s=tps, compile_s=compile_s, loss=float(metrics["loss"]),
+    return dict(step_ms=dt * 1e3, tok_s=tps, compile_s=compile_s, losses=losses,
                 mfu=flops_per_token(cfg.model, T)["total"] * tps / peak if peak else None,
                 peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
 

@@ -51,13 +51,20 @@ def recurrent_ref(q, k, v, g, beta, h0, seg, l2norm=True, scale=None):
     return o.swapaxes(0, 1), s
 
 
-def make(B, T, H, HV, K, V, seed=0, dtype=jnp.bfloat16, n_docs=0):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 8)
+def make(B, T, H, HV, K, V, seed=0, dtype=jnp.bfloat16, n_docs=0, correlated=0.0):
+    """correlated > 0: keys share a common direction with that weight, betas near 1 and almost no decay: (I + A)
+    is then far from I, the regime a trained model's keys reach and random keys never do."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 9)
     q = jax.random.normal(ks[0], (B, T, H, K), dtype)
-    k = jax.random.normal(ks[1], (B, T, H, K), dtype)
+    k = jax.random.normal(ks[1], (B, T, H, K))
+    k = (correlated * jax.random.normal(ks[7], (1, 1, H, K)) + (1 - correlated) * k).astype(dtype)
     v = jax.random.normal(ks[2], (B, T, HV, V), dtype)
-    g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, HV)) + 2.0)
-    beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, HV)))
+    if correlated:
+        g = -0.01 * jax.random.uniform(ks[3], (B, T, HV))
+        beta = jax.random.uniform(ks[4], (B, T, HV), minval=0.9, maxval=1.0)
+    else:
+        g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, HV)) + 2.0)
+        beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, HV)))
     h0 = jax.random.normal(ks[5], (B, HV, K, V), jnp.float32) * 0.2
     seg = None
     if n_docs:
@@ -174,14 +181,43 @@ def test_supports_predicate():
     assert not pallas_gpu.supports(q, k, v, g, beta, chunk_size=32)
 
 
+@gpu
+def test_correlated_keys_and_weak_decay():
+    """Keys sharing a direction with no decay make (I + A)^-1 far from I. An inverse by repeated squaring overflowed
+    here (relative error 1e9, NaN losses in training); the block-merge inverse is as accurate as the bf16
+    intermediates allow (~2e-2 at this correlation, against ~5e-3 for random keys)."""
+    from kernels_pallas.gdn import pallas_gpu
+    q, k, v, g, beta, h0, seg = make(2, 256, 2, 4, 128, 128, n_docs=2, seed=2, correlated=0.9)
+    kw = jax.random.split(jax.random.PRNGKey(9), 2)
+    wo = jax.random.normal(kw[0], (2, 256, 4, 128))
+    ws = jax.random.normal(kw[1], (2, 4, 128, 128))
+
+    def loss(fn):
+        def f(q, k, v, g, beta, h0):
+            o, s = fn(q, k, v, g, beta, h0)
+            return jnp.sum(o.astype(jnp.float32) * wo) + jnp.sum(s * ws), (o, s)
+        return f
+
+    kern = loss(lambda q, k, v, g, beta, h0: pallas_gpu.gated_delta_rule(q, k, v, g, beta, initial_state=h0,
+                                                                         segment_ids=seg))
+    ref = loss(lambda q, k, v, g, beta, h0: recurrent_ref(q, k, v, g, beta, h0, seg))
+    gk, (ok, sk) = jax.jit(jax.grad(kern, argnums=range(6), has_aux=True))(q, k, v, g, beta, h0)
+    gr, (orf, srf) = jax.jit(jax.grad(ref, argnums=range(6), has_aux=True))(q, k, v, g, beta, h0)
+    assert rel(ok, orf) < 4e-2 and rel(sk, srf) < 4e-2, (rel(ok, orf), rel(sk, srf))
+    for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), gk, gr):
+        assert rel(a, b) < 6e-2, (name, rel(a, b))
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests above run the kernels themselves")
-def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch):
-    """Forward and gradients of the Mosaic GPU kernels through plgpu's interpreter (any backend, small shapes)."""
+@pytest.mark.parametrize("correlated,tol,grad_tol", [(0.0, 1e-2, 2e-2), (0.9, 4e-2, 6e-2)])
+def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, correlated, tol, grad_tol):
+    """Forward and gradients of the Mosaic GPU kernels through plgpu's interpreter (any backend, small shapes),
+    with random keys and with correlated keys at weak decay (see test_correlated_keys_and_weak_decay)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from kernels_pallas.gdn import pallas_gpu
     monkeypatch.setattr(pallas_gpu, "_INTERPRET", plgpu.InterpretGPUParams())
-    q, k, v, g, beta, h0, seg = make(1, 100, 1, 2, 64, 64, n_docs=2, seed=4)
+    q, k, v, g, beta, h0, seg = make(1, 100, 1, 2, 64, 64, n_docs=2, seed=4, correlated=correlated)
     kw = jax.random.split(jax.random.PRNGKey(8), 2)
     wo = jax.random.normal(kw[0], (1, 100, 2, 64))
     ws = jax.random.normal(kw[1], (1, 2, 64, 64))
@@ -197,6 +233,6 @@ def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch):
     ref = loss(lambda q, k, v, g, beta, h0: recurrent_ref(q, k, v, g, beta, h0, seg))
     gk, (ok, sk) = jax.grad(kern, argnums=range(6), has_aux=True)(q, k, v, g, beta, h0)
     gr, (orf, srf) = jax.grad(ref, argnums=range(6), has_aux=True)(q, k, v, g, beta, h0)
-    assert rel(ok, orf) < 1e-2 and rel(sk, srf) < 1e-2
+    assert rel(ok, orf) < tol and rel(sk, srf) < tol, (rel(ok, orf), rel(sk, srf))
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), gk, gr):
-        assert rel(a, b) < 2e-2, (name, rel(a, b))
+        assert rel(a, b) < grad_tol, (name, rel(a, b))

@@ -115,21 +115,29 @@ def _mm_multi(groups):
     return lax.optimization_barrier(pl.run_state(body)(inits))
 
 
-def _inverse(n, eye, buf, dt):
-    """X = (I - N)^-1... precisely (I + N)(I + N^2)(I + N^4)...(I + N^32) = (I - N)^-1 for strictly lower 64x64 N
-    (nilpotent), i.e. (I + A)^-1 for N = -A. Each factor is accumulated in fp32 from bf16 operands; the squaring
-    and the product of a step are issued together, so the chain has 6 tensor-core waits. ``buf``: [C, C] SMEM."""
-    x = n + eye
-    buf[...] = n.astype(dt)
-    plgpu.commit_smem()
-    p = _mm([(n.astype(dt), buf)], (C, C))                       # N^2
-    for step in range(1, 6):
-        buf[...] = p.astype(dt)
+def _inverse(a, buf, dt):
+    """(I + A)^-1 for A [C, C] strictly lower (fp32, registers), by merging diagonal blocks 1 -> 2 -> ... -> 64:
+    with X the inverse of the block-diagonal part at size s and L the blocks just below it inside each 2s block,
+    the inverse at size 2s is X - X L X (exact: (I + X L) is nilpotent of order 2). Every intermediate is itself an
+    inverse of a sub-block, so nothing grows beyond the result: repeated squaring (I - A)(I + A^2)...(I + A^32)
+    forms powers of A whose entries reach C(63, 32) for correlated keys and cancel catastrophically (it overflowed
+    in training). Products take bf16 operands and accumulate in fp32; two tensor-core waits per level.
+    ``buf``: [C, C] SMEM scratch in ``dt``."""
+    ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+    x = jnp.where(ii == jj, 1.0, 0.0) - jnp.where(lax.div(ii, 2) == lax.div(jj, 2), a, 0.0)   # size 2: I - A
+    size = 4
+    while size <= C:
+        ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+        half = size // 2
+        below = ((lax.div(ii, size) == lax.div(jj, size)) & (lax.rem(ii, size) >= half)
+                 & (lax.rem(jj, size) < half))
+        buf[...] = x.astype(dt)
         plgpu.commit_smem()
-        if step < 5:
-            x, p = _mm_multi([([(x.astype(dt), buf)], (C, C), x), ([(p.astype(dt), buf)], (C, C), None)])
-        else:
-            x = _mm([(x.astype(dt), buf)], (C, C), init=x)
+        link = _mm([(jnp.where(below, a, 0.0).astype(dt), buf)], (C, C))          # L X
+        buf[...] = link.astype(dt)
+        plgpu.commit_smem()
+        x = _mm([((x * -1.0).astype(dt), buf)], (C, C), init=x)                    # X - X (L X)
+        size *= 2
     return x
 
 
@@ -206,9 +214,9 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(p_s, a_ref.at[b, hv, rows])
         ii, jj, strict, incl = masks()
-        n = kk * decay(strict) * _rows(-bi, (C, C))          # N = -A
+        a = kk * decay(strict) * _rows(bi, (C, C))            # A = beta_i k_i.k_j 2^(G_i - G_j), strict, same run
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        x = _inverse(n, jnp.where(ii == jj, 1.0, 0.0).astype(F32), p_s, dt)
+        x = _inverse(a, p_s, dt)
 
         ci = plgpu.load(cin_r, layout=ROWS)
         ti = plgpu.load(tail_r, layout=ROWS)
@@ -472,7 +480,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         p_s[...] = (qk * decay(incl)).astype(dt)
         kkd = kk * decay(strict)
         kkd_s[...] = kkd.astype(dt)
-        x = _inverse(kkd * _rows(-bi, (C, C)), jnp.where(ii == jj, 1.0, 0.0).astype(F32), m_s, dt)
+        x = _inverse(kkd * _rows(bi, (C, C)), m_s, dt)
         m_s[...] = x.astype(dt)
         plgpu.commit_smem()
 

@@ -32,9 +32,9 @@ Decisions:
   (C, D) slab of one head; otherwise (D = 64) it is transposed to [B, heads, T, D], because Mosaic blocks need their
   last two dims divisible by (8, 128) or whole. Per-token vectors (g, beta, doc) travel as (1, C) rows; where a
   column is needed it is made in-kernel by a diagonal mask and a lane reduction (no 2D transposes of vectors).
-- (I + A)^-1 is unit lower triangular: inverted exactly by products (I - X)(I + X^2)(I + X^4)... of its nilpotent
-  part, first within 16 x 16 diagonal blocks, then across blocks (see _unit_lower_inverse); all MXU work, no serial
-  row loop, and the alternating sums stay short (at most 16 terms) for fp32 accuracy.
+- (I + A)^-1 is unit lower triangular: inverted exactly by merging diagonal blocks 1 -> 2 -> ... -> C with
+  X <- X - X L X (see _unit_lower_inverse); all MXU work, no serial row loop, and no intermediate larger than the
+  inverse itself (series of powers of A cancel catastrophically for correlated keys).
 - Dot precision: fp32 inputs use fp32 operands at Precision.HIGHEST (6 bf16 passes) throughout. bf16 inputs feed
   the q/k/v/state products to the MXU as bf16 with fp32 accumulation (the state itself stays fp32 in VMEM; this is
   what FLA does with bf16 h, u, w), and the triangular inverse and the dots with it at Precision.HIGH (3 passes,
@@ -52,7 +52,6 @@ from kernels_pallas.gdn.reference import document_starts
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NORM_EPS = 1e-6
-INVERSE_BLOCK = 16  # diagonal block size of the triangular inverse (see _unit_lower_inverse)
 
 
 class Config(NamedTuple):  # static (hashable) parameters of one kernel call
@@ -105,29 +104,25 @@ def _masked_exp(x, keep):
 
 
 def _unit_lower_inverse(A, dot):
-    """(I + A)^-1 for A (C, C) strictly lower triangular, C a power-of-two multiple of INVERSE_BLOCK.
+    """(I + A)^-1 for A (C, C) strictly lower triangular, C a power of two.
 
-    For nilpotent X with X^(2^m) = 0, (I + X)^-1 = (I - X)(I + X^2)(I + X^4)...(I + X^(2^(m-1))), exactly.
-    Applied first to the block-diagonal part A_d (16 x 16 blocks, so X^16 = 0) giving Td = (I + A_d)^-1, then to
-    N = Td A_o (A_o the strictly block-lower rest, nilpotent in C / 16 block steps), since
-    I + A = (I + A_d)(I + N)  =>  (I + A)^-1 = (I + N)^-1 Td.
+    Diagonal blocks are merged 1 -> 2 -> 4 ... -> C: with X the inverse of the block-diagonal part at size s and L
+    the blocks just below the diagonal inside each 2s block, the inverse at size 2s is X - X L X (exact, since
+    (I + X L)^2 = I + 2 X L). Every intermediate is the inverse of a principal sub-block, so nothing grows beyond the
+    result; products of powers of A ((I - A)(I + A^2)...) reach entries of C(15, 8) = 6435 for correlated keys
+    even in 16 x 16 blocks and lose fp32 accuracy to cancellation (1e-4 measured).
     """
     C = A.shape[0]
-    eye = _eye_mask(C).astype(jnp.float32)
-    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0) // INVERSE_BLOCK
-    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1) // INVERSE_BLOCK
-    A_d = jnp.where(rows == cols, A, 0.0)
-
-    def neumann_product(X, steps):  # (I - X)(I + X^2)...(I + X^(2^steps))
-        inv, power = eye - X, X
-        for _ in range(steps):
-            power = dot(power, power)
-            inv = inv + dot(inv, power)
-        return inv
-
-    Td = neumann_product(A_d, INVERSE_BLOCK.bit_length() - 2)  # 16 = 2^4: powers 2, 4, 8
-    N = dot(Td, A - A_d)
-    return dot(neumann_product(N, (C // INVERSE_BLOCK).bit_length() - 2), Td)
+    rows = jax.lax.broadcasted_iota(jnp.int32, (C, C), 0)
+    cols = jax.lax.broadcasted_iota(jnp.int32, (C, C), 1)
+    X = _eye_mask(C).astype(jnp.float32) - jnp.where((rows >> 1) == (cols >> 1), A, 0.0)   # size 2: I - A
+    size = 4
+    while size <= C:
+        shift, half = size.bit_length() - 1, size // 2
+        below = ((rows >> shift) == (cols >> shift)) & ((rows & (size - 1)) >= half) & ((cols & (size - 1)) < half)
+        X = X - dot(X, dot(jnp.where(below, A, 0.0), X))
+        size *= 2
+    return X
 
 
 class _Chunk(NamedTuple):
@@ -475,9 +470,8 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, 
     default True off TPU (CPU tests). Pass False to lower for TPU from a CPU host (AOT compilation)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
-    blocks = chunk_size // INVERSE_BLOCK
-    if chunk_size % INVERSE_BLOCK or blocks & (blocks - 1):
-        raise ValueError(f"chunk_size must be {INVERSE_BLOCK} times a power of two; got {chunk_size}")
+    if chunk_size < 2 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two; got {chunk_size}")
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     fp32 = v.dtype == jnp.float32
