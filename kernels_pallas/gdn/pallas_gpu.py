@@ -158,7 +158,8 @@ def _kernel(body, *, name, out_type, scratch, grid, grid_names):
 # --------------------------------------------------------------------------------------------------------------------
 # prep kernel: per chunk, fully parallel
 
-def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
+def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm, store_m=False):
+    """-w, u, P, qd, kd [B, HV, Tp, *] (bf16) and, with store_m, M = (I + A)^-1 [B, HV, Tp, C] for the backward."""
     B, Tp, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     r = HV // H
@@ -166,8 +167,10 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
     dt = q.dtype
 
     def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
-             w_ref, u_ref, a_ref, qd_ref, kd_ref,
-             q_s, k_s, v_s, bk_s, p_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, bar):
+             w_ref, u_ref, a_ref, qd_ref, kd_ref, *rest):
+        if store_m:
+            m_ref, *rest = rest
+        (q_s, k_s, v_s, bk_s, p_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, bar) = rest
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
@@ -217,6 +220,10 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
         a = kk * decay(strict) * _rows(bi, (C, C))            # A = beta_i k_i.k_j 2^(G_i - G_j), strict, same run
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         x = _inverse(a, p_s, dt)
+        if store_m:
+            p_s[...] = x.astype(dt)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(p_s, m_ref.at[b, hv, rows])
 
         ci = plgpu.load(cin_r, layout=ROWS)
         ti = plgpu.load(tail_r, layout=ROWS)
@@ -249,6 +256,8 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm):
     out_type = [jax.ShapeDtypeStruct((B, HV, Tp, K), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt),
                 jax.ShapeDtypeStruct((B, HV, Tp, C), dt), jax.ShapeDtypeStruct((B, HV, Tp, K), dt),
                 jax.ShapeDtypeStruct((B, HV, Tp, K), dt)]
+    if store_m:
+        out_type.append(jax.ShapeDtypeStruct((B, HV, Tp, C), dt))
     f = _kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
                 grid_names=("b", "h", "c"))
     return f(q, k, v, gc, beta, run, cin, tail)
@@ -405,9 +414,10 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64, stages=None):
     return f(do, nw, att, qd, kd, gam, dht)
 
 
-def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2norm):
+def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, l2norm):
     """Chunk-local gradients, one CTA per (b, hv, chunk), given the state entering the chunk (hc), the gradient of
-    the state leaving it (dsp) and v_new (vn). Recomputes the normalised q/k, A, P and M = (I + A)^-1 and returns
+    the state leaving it (dsp), v_new (vn) and the forward's M = (I + A)^-1 (m: its serial inverse is the costliest
+    part to recompute). Recomputes the normalised q/k, A and P and returns
     dq, dk (per value head, [B, Tp, HV, K] bf16), dv [B, Tp, HV, V], dbeta [B, HV, Tp], the gate gradient pieces
     dg_row, dg_col, rkd ([B, HV, Tp] fp32) and sds = rowsum(S * dS') [B, HV, NC, K]; XLA assembles dg."""
     B, Tp, H, K = q.shape
@@ -416,7 +426,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
     NC = Tp // C
     dt = q.dtype
 
-    def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, h_ref, dsp_ref, vn_ref,
+    def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, h_ref, dsp_ref, vn_ref, m_ref,
              dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
              q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
              g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, o_r, o_c, o_r2, o_r3, o_k, bar):
@@ -432,6 +442,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         plgpu.copy_gmem_to_smem(vn_ref.at[b, hv, rows], vn_s, bar)
         plgpu.copy_gmem_to_smem(h_ref.at[b, hv, c], s_s, bar)
         plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar)
+        plgpu.copy_gmem_to_smem(m_ref.at[b, hv, rows], m_s, bar)
         for src, dst in ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)):
             plgpu.copy_gmem_to_smem(src.at[b, hv, rows], dst, bar)
         for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)):
@@ -474,14 +485,11 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
         def decay(mask):
             return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
 
-        # phase A: P, KKD (-> SMEM), M = (I + A)^-1 (-> SMEM)
+        # phase A: P, KKD (-> SMEM)
         qk, kk = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None)])
         ii, jj, strict, incl = masks()
         p_s[...] = (qk * decay(incl)).astype(dt)
-        kkd = kk * decay(strict)
-        kkd_s[...] = kkd.astype(dt)
-        x = _inverse(kkd * _rows(bi, (C, C)), m_s, dt)
-        m_s[...] = x.astype(dt)
+        kkd_s[...] = (kk * decay(strict)).astype(dt)
         plgpu.commit_smem()
 
         # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
@@ -583,13 +591,13 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, *, scale, l2n
                _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt),
                _smem((C, V), dt), _smem((C, V), dt),
                vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
-               plgpu.Barrier(num_arrivals=15)]
+               plgpu.Barrier(num_arrivals=16)]
     vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, K), dt), jax.ShapeDtypeStruct((B, Tp, HV, K), dt),
                 jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
     f = _kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
                 grid_names=("b", "h", "c"))
-    return f(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn)
+    return f(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -625,21 +633,24 @@ def _pad_t(x, pad):
     return jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)) if pad else x
 
 
-def _intermediates(q, k, v, g, beta, segment_ids, use_qk_l2norm, scale):
+def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, training=False):
+    """(o, final state); with training also the backward's residuals: the gate vectors, the prep kernel's outputs
+    with M, and the state entering every chunk with v_new. Keeping the prep outputs (about 1.3 KB per token and
+    value head, bf16) spares the backward a second prep pass; under remat they live only for one layer's backward."""
     B, T, H, K = q.shape
     HV = v.shape[2]
     pad = (-T) % C
-    gc, bt, run, cin, tail, gam = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
-    nw, u, att, qd, kd = _prep(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), gc, bt, run, cin, tail,
-                               scale=scale, l2norm=use_qk_l2norm)
-    return nw, u, att, qd, kd, gam
-
-
-def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, store_h=False):
-    T = q.shape[1]
-    nw, u, att, qd, kd, gam = _intermediates(q, k, v, g, beta, segment_ids, use_qk_l2norm, scale)
-    outs = _state(nw, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype, store_h=store_h)
-    return (outs[0][:, :T],) + tuple(outs[1:])
+    gates = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
+    gc, bt, run, cin, tail, gam = gates
+    prepped = _prep(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), gc, bt, run, cin, tail,
+                    scale=scale, l2norm=use_qk_l2norm, store_m=training)
+    nw, u, att, qd, kd = prepped[:5]
+    outs = _state(nw, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype, store_h=training)
+    o, ht = outs[0][:, :T], outs[1]
+    if not training:
+        return o, ht
+    hc, vn = outs[2:]
+    return (o, ht), (gates, prepped, hc, vn)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -651,14 +662,16 @@ def _gdn(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
 
 
 def _gdn_fwd(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
-    o, ht, hc, vn = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, store_h=True)
-    return (o, ht), (q, k, v, g, beta, hc, vn, segment_ids)
+    out, saved = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, training=True)
+    return out, (q, k, v, g, beta, segment_ids) + saved
 
 
 def _bwd(use_qk_l2norm, scale, res, cts):
     """Reverse state pass (Mosaic kernel) for the gradient of the state leaving every chunk, then the chunk-local
     gradients of every chunk at once (Mosaic kernel); XLA only sums GVA groups and the gate pieces."""
-    q, k, v, g, beta, hc, vn, segment_ids = res
+    q, k, v, g, beta, segment_ids, gates, prepped, hc, vn = res
+    gc, bt, run, cin, tail, gam = gates
+    nw, u, att, qd, kd, m = prepped
     do, dht = cts
     B, T, H, K = q.shape
     HV = v.shape[2]
@@ -666,13 +679,11 @@ def _bwd(use_qk_l2norm, scale, res, cts):
     pad = (-T) % C
     Tp = T + pad
     NC = Tp // C
-    gc, bt, run, cin, tail, gam = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
-    nw, u, att, qd, kd = _prep(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), gc, bt, run, cin, tail,
-                               scale=scale, l2norm=use_qk_l2norm)
     do_p = _pad_t(do.astype(v.dtype), pad)
     dsp, dh0 = _state_bwd(do_p, nw, att, qd, kd, gam, dht.astype(F32))
     dq, dk, dv, db, dgr, dgcol, rkd, sds = _chunk_bwd(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), do_p, gc, bt,
-                                                     run, cin, tail, hc, dsp, vn, scale=scale, l2norm=use_qk_l2norm)
+                                                     run, cin, tail, hc, dsp, vn, m, scale=scale,
+                                                     l2norm=use_qk_l2norm)
     dq = dq[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(q.dtype)
     dk = dk[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(k.dtype)
     dv = dv[:, :T].astype(v.dtype)
