@@ -1,0 +1,93 @@
+"""Where a training step's time goes: forward + backward of each part of the bench model on its own, at the
+train-step shape (bench-1p3b, one sequence per row), bf16 compute with fp32 parameters, same timing method as
+benchmarks/gdn.py. Parts: the Gated DeltaNet mixer, the gated attention mixer, the sparse MoE block, and the
+LM head with chunked cross entropy. Writes $OUT/layer_breakdown.json.
+
+    python benchmarks/layer_breakdown.py --shape 8x2048 --attention xla,cudnn --gdn auto,chunked --moe auto
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.gdn import bench
+from qwen3next_jax import Qwen3NextConfig
+from qwen3next_jax.attention import GatedAttention
+from qwen3next_jax.gated_deltanet import GatedDeltaNet
+from qwen3next_jax.moe import SparseMoE
+from qwen3next_jax.rope import rope_tables
+from train.losses import chunked_cross_entropy
+
+
+def time_fwd_bwd(module, *args):
+    """ms of forward + backward of sum(module(x, *args)) w.r.t. its parameters and x (the first argument)."""
+    graphdef, params = nnx.split(module)
+
+    @jax.jit
+    def step(params, x):
+        def f(params, x):
+            out = nnx.merge(graphdef, params)(x, *args)
+            out = out[0] if isinstance(out, tuple) else out
+            return jnp.sum(out.astype(jnp.float32))
+        return jax.grad(f, argnums=(0, 1))(params, x)
+
+    x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
+    return bench(step, params, x, n=10, reps=3)
+
+
+def main():
+    global B, T, cfg
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="bench-1p3b")
+    ap.add_argument("--shape", default="8x2048")
+    ap.add_argument("--gdn", default="auto,chunked")
+    ap.add_argument("--attention", default="xla,cudnn")
+    ap.add_argument("--moe", default="auto")
+    a = ap.parse_args()
+    B, T = map(int, a.shape.split("x"))
+    cfg = Qwen3NextConfig.preset(a.preset)
+    kw = dict(rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    seg = jnp.ones((B, T), jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    rope = rope_tables(cfg, pos, jnp.bfloat16)
+    res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
+           "command": " ".join(sys.argv)}
+    jobs = [(f"gdn_{i}", lambda i=i: time_fwd_bwd(GatedDeltaNet(cfg, gdn_impl=i, **kw), seg)) for i in a.gdn.split(",")]
+    jobs += [(f"attention_{i}", lambda i=i: time_fwd_bwd(GatedAttention(cfg, attention_impl=None if i == "xla" else i,
+                                                                         **kw), rope, seg))
+             for i in a.attention.split(",")]
+    jobs += [(f"moe_{i}", lambda i=i: time_fwd_bwd(SparseMoE(cfg, moe_impl=i, **kw), seg != 0))
+             for i in a.moe.split(",")]
+
+    def head_loss():
+        w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
+        targets = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
+        x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
+        f = jax.jit(jax.grad(lambda x, w: jnp.sum(chunked_cross_entropy(x, w.astype(jnp.bfloat16), targets, 4096)[0]),
+                             argnums=(0, 1)))
+        return bench(f, x, w, n=10, reps=3)
+
+    jobs.append(("lm_head_ce", head_loss))
+    for name, job in jobs:
+        try:
+            res[name + "_ms"] = job()
+        except Exception as e:  # record and go on
+            traceback.print_exc()
+            res[name + "_error"] = repr(e)[:500]
+        print(name, res.get(name + "_ms", res.get(name + "_error")), flush=True)
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), "layer_breakdown.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
