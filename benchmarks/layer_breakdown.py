@@ -8,6 +8,7 @@ LM head with chunked cross entropy. Writes $OUT/layer_breakdown.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -24,6 +25,7 @@ from benchmarks.gdn import bench
 from qwen3next_jax import Qwen3NextConfig
 from qwen3next_jax.attention import GatedAttention
 from qwen3next_jax.gated_deltanet import GatedDeltaNet
+from qwen3next_jax import moe
 from qwen3next_jax.moe import SparseMoE
 from qwen3next_jax.rope import rope_tables
 from train.losses import chunked_cross_entropy
@@ -53,6 +55,7 @@ def main():
     ap.add_argument("--gdn", default="auto,chunked")
     ap.add_argument("--attention", default="xla,cudnn")
     ap.add_argument("--moe", default="auto")
+    ap.add_argument("--moe-tiles", default="128", help="row tiles of moe.tiled_grouped_matmul to time")
     a = ap.parse_args()
     B, T = map(int, a.shape.split("x"))
     cfg = Qwen3NextConfig.preset(a.preset)
@@ -66,8 +69,12 @@ def main():
     jobs += [(f"attention_{i}", lambda i=i: time_fwd_bwd(GatedAttention(cfg, attention_impl=None if i == "xla" else i,
                                                                          **kw), rope, seg))
              for i in a.attention.split(",")]
-    jobs += [(f"moe_{i}", lambda i=i: time_fwd_bwd(SparseMoE(cfg, moe_impl=i, **kw), seg != 0))
-             for i in a.moe.split(",")]
+    def moe_job(impl, tile):
+        moe.GROUPED_MATMULS["tiled"] = functools.partial(moe.tiled_grouped_matmul, tile=tile)
+        return time_fwd_bwd(SparseMoE(cfg, moe_impl=impl, **kw), seg != 0)
+
+    jobs += [(f"moe_{i}_tile{t}", lambda i=i, t=int(t): moe_job(i, t))
+             for i in a.moe.split(",") for t in a.moe_tiles.split(",")]
 
     def head_loss():
         w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02

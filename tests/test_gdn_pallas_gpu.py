@@ -185,7 +185,8 @@ def test_supports_predicate():
 def test_correlated_keys_and_weak_decay():
     """Keys sharing a direction with no decay make (I + A)^-1 far from I. An inverse by repeated squaring overflowed
     here (relative error 1e9, NaN losses in training); the block-merge inverse is as accurate as the bf16
-    intermediates allow (~2e-2 at this correlation, against ~5e-3 for random keys)."""
+    intermediates allow: on an H100 ~2e-2 for o and up to 6.5e-2 for dbeta at this correlation (~5e-3 and 1e-2 for
+    random keys); FLA keeps the same quantities in bf16."""
     from kernels_pallas.gdn import pallas_gpu
     q, k, v, g, beta, h0, seg = make(2, 256, 2, 4, 128, 128, n_docs=2, seed=2, correlated=0.9)
     kw = jax.random.split(jax.random.PRNGKey(9), 2)
@@ -205,12 +206,12 @@ def test_correlated_keys_and_weak_decay():
     gr, (orf, srf) = jax.jit(jax.grad(ref, argnums=range(6), has_aux=True))(q, k, v, g, beta, h0)
     assert rel(ok, orf) < 4e-2 and rel(sk, srf) < 4e-2, (rel(ok, orf), rel(sk, srf))
     for name, a, b in zip(("dq", "dk", "dv", "dg", "dbeta", "dh0"), gk, gr):
-        assert rel(a, b) < 6e-2, (name, rel(a, b))
+        assert rel(a, b) < 1e-1, (name, rel(a, b))
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests above run the kernels themselves")
-@pytest.mark.parametrize("correlated,tol,grad_tol", [(0.0, 1e-2, 2e-2), (0.9, 4e-2, 6e-2)])
+@pytest.mark.parametrize("correlated,tol,grad_tol", [(0.0, 1e-2, 2e-2), (0.9, 4e-2, 1e-1)])
 def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, correlated, tol, grad_tol):
     """Forward and gradients of the Mosaic GPU kernels through plgpu's interpreter (any backend, small shapes),
     with random keys and with correlated keys at weak decay (see test_correlated_keys_and_weak_decay)."""
