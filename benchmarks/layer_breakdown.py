@@ -55,7 +55,7 @@ def main():
     ap.add_argument("--gdn", default="auto,chunked")
     ap.add_argument("--attention", default="xla,cudnn")
     ap.add_argument("--moe", default="auto")
-    ap.add_argument("--moe-tiles", default="128", help="row tiles of moe.tiled_grouped_matmul to time")
+    ap.add_argument("--moe-tiles", default="", help="row tiles of moe.tiled_grouped_matmul to time (default: its own)")
     a = ap.parse_args()
     B, T = map(int, a.shape.split("x"))
     cfg = Qwen3NextConfig.preset(a.preset)
@@ -70,10 +70,10 @@ def main():
                                                                          **kw), rope, seg))
              for i in a.attention.split(",")]
     def moe_job(impl, tile):
-        moe.GROUPED_MATMULS["tiled"] = functools.partial(moe.tiled_grouped_matmul, tile=tile)
+        moe.GROUPED_MATMULS["tiled"] = functools.partial(moe.tiled_grouped_matmul, tile=int(tile) if tile else None)
         return time_fwd_bwd(SparseMoE(cfg, moe_impl=impl, **kw), seg != 0)
 
-    jobs += [(f"moe_{i}_tile{t}", lambda i=i, t=int(t): moe_job(i, t))
+    jobs += [(f"moe_{i}_tile{t or 'auto'}", lambda i=i, t=t: moe_job(i, t))
              for i in a.moe.split(",") for t in a.moe_tiles.split(",")]
 
     def head_loss():

@@ -34,16 +34,21 @@ class MLP(nnx.Module):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int = 128,
+def tiled_grouped_matmul(x: jax.Array, w: jax.Array, group_sizes: jax.Array, tile: int | None = None,
                          block_bytes: int = 256 * 2**20) -> jax.Array:
     """out[m] = x[m] @ w[g(m)], rows of x grouped by g in order; x [M, D], w [G, D, F], group_sizes [G] -> [M, F].
 
     Each group is padded to whole tiles of `tile` rows (at most one partial tile per group, so M / tile + G tiles
     bound the padded rows statically); blocks of tiles are multiplied with their gathered expert weights, as many
-    tiles per block as keep the gathered weights under `block_bytes`.
+    tiles per block as keep the gathered weights under `block_bytes`. Every tile gathers its expert's whole weight
+    matrix, so larger tiles move fewer bytes but pad more rows: by default the largest of 128, 256, 512 rows that is
+    at most a quarter of the mean group (padding about 1/8 of the rows). On an H100 a bench-1p3b MoE layer at 16K
+    tokens took 43 ms forward + backward with 128-row tiles and 17.5 ms with 512.
     """
     M, D = x.shape
     G, _, F = w.shape
+    if tile is None:
+        tile = max([t for t in (128, 256, 512) if t <= M // (4 * G)], default=128)
     padded_sizes = -(-group_sizes // tile) * tile
     padded_starts = jnp.cumsum(padded_sizes) - padded_sizes
     group_starts = jnp.cumsum(group_sizes) - group_sizes
