@@ -7,19 +7,19 @@ Layout of the computation (chunk C = 64 tokens, per batch b and value head hv):
   ``tail``: the token belongs to the chunk's last run, so it writes the outgoing state) and the per-chunk state decay
   ``gam = 2^G_last * cin_last``.
 * ``_prep`` kernel, one CTA per (b, hv, chunk), fully parallel: L2 norm of q and k (fused), ``A = beta_i k_i.k_j
-  2^(G_i - G_j)`` (strict lower, same run), the UT inverse ``M = (I + A)^-1`` by repeated squaring on the tensor
-  cores (``(I-A)(I+A^2)(I+A^4)...(I+A^32)``, each factor accumulated in fp32 from bf16 operands), the WY factors
+  2^(G_i - G_j)`` (strict lower, same run), the UT inverse ``M = (I + A)^-1`` by merging diagonal blocks on the tensor
+  cores (``X <- X - X L X``, 1 -> 2 -> ... -> 64, bf16 operands, fp32 accumulation; see ``_inverse``), the WY factors
   ``w = M (beta 2^G cin k)``, ``u = M (beta v)``, the masked intra-chunk scores ``P = (q k^T) 2^(G_i - G_j)``,
   ``qd = q 2^G cin`` and ``kd = k 2^(G_last - G) tail``; all stored bf16, head-major.
 * ``_state`` kernel, one CTA per (b, hv, 64 value columns), sequential over chunks with the state ``S [K, 64]``
   (fp32) in registers and a double-buffered TMA pipeline: ``v_new = u - w S``, ``o = qd S + P v_new``,
   ``S <- gam S + kd^T v_new``. Writes o in the user layout ``[B, T, HV, V]`` and the final state.
 
-Backward (``jax.custom_vjp``): the forward also stores the state entering every chunk and v_new; ``_state_bwd``
-(reverse sequential) gives the gradient of the state leaving every chunk and of the initial state; ``_chunk_bwd``
-(parallel per chunk) recomputes the chunk's intra-chunk factors and gives dq, dk, dv, dbeta and the gate-gradient
-pieces; XLA sums GVA groups and takes the reverse cumsum for dg. Measurements: benchmarks/RESULTS.md and
-benchmarks/notes_gdn_gpu.md.
+Backward (``jax.custom_vjp``): the forward also stores M, the state entering every chunk and v_new, and keeps the
+prep outputs; ``_state_bwd`` (reverse sequential) gives the gradient of the state leaving every chunk and of the
+initial state; ``_chunk_bwd`` (parallel per chunk) recomputes A and P, loads M, and gives dq, dk, dv, dbeta and
+the gate-gradient pieces; XLA sums GVA groups and takes the reverse cumsum for dg. Measurements:
+benchmarks/RESULTS.md and benchmarks/notes_gdn_gpu.md.
 """
 from __future__ import annotations
 
