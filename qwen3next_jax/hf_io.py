@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from typing import Any, Callable, Iterator
 
@@ -356,13 +357,17 @@ def _load_leaf(reader: SafetensorsReader, spec: LeafSpec, dtype, sharding) -> ja
     return full
 
 
-def check_checkpoint(reader: SafetensorsReader, specs: list[LeafSpec], path: str = "") -> None:
-    """Raise CheckpointMismatchError listing every missing, unexpected or mis-shaped tensor (empty: all good)."""
+TIED_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def check_checkpoint(reader: SafetensorsReader, specs: list[LeafSpec], path: str = "", ignored=()) -> None:
+    """Raise CheckpointMismatchError listing every missing, unexpected or mis-shaped tensor (empty: all good).
+    ignored: tensor names that may be present without being read."""
     expected = {}
     for spec in specs:
         for _, _, name in spec.slots():
             expected[name] = spec.hf_shape
-    present = set(reader.names())
+    present = set(reader.names()) - set(ignored)
     missing = sorted((n for n in expected if n not in present), key=_hf_order)
     unexpected = sorted((n for n in present if n not in expected), key=_hf_order)
     misshaped = sorted((n for n in expected if n in present and reader.shape[n] != expected[n]), key=_hf_order)
@@ -420,7 +425,12 @@ def load_hf_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.M
             model_kwargs["dtype"] = compute_dtype
         model = abstract_model(cfg, jnp.dtype(param_dtype), **model_kwargs)
         specs = leaf_specs(model)
-        check_checkpoint(reader, specs, path)
+        # A tied checkpoint may still carry lm_head.weight; transformers ties it to the embedding and ignores it.
+        tied_head = cfg.tie_word_embeddings and TIED_HEAD in reader.names()
+        check_checkpoint(reader, specs, path, ignored=(TIED_HEAD,) if tied_head else ())
+        if tied_head and not np.array_equal(reader.get(TIED_HEAD), reader.get(EMBEDDING)):
+            warnings.warn(f"{path}: tie_word_embeddings is true but {TIED_HEAD} differs from {EMBEDDING}; like "
+                          f"transformers, the model uses the embedding and ignores {TIED_HEAD}", stacklevel=2)
         state = nnx.state(model)
         shardings = _leaf_shardings(state, mesh) if mesh is not None else {}
         values = {}

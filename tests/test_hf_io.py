@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -272,6 +273,28 @@ def test_all_problems_reported_at_once(tmp_path):
                  "model.layers.3.linear_attn.A_log  expected [6], found [5]"):
         assert part in msg
     assert isinstance(e.value, ValueError)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_tied_checkpoint_that_also_carries_lm_head(tmp_path, same):
+    """transformers ties lm_head to the embedding and ignores a stored lm_head.weight; so do we (warning when the
+    stored one differs), and the logits are the golden ones either way."""
+    path = copy_golden("odd", tmp_path)
+    ref = load_hf_checkpoint(path)
+
+    def edit(t):
+        emb = t["model.embed_tokens.weight"]
+        t["lm_head.weight"] = emb.copy() if same else emb + 1.0
+    rewrite_single(path, edit)
+    if same:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            model = load_hf_checkpoint(path)
+    else:
+        with pytest.warns(UserWarning, match="lm_head.weight differs"):
+            model = load_hf_checkpoint(path)
+    ids = jnp.arange(12, dtype=jnp.int32)[None] % model.config.vocab_size
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(ref(ids)))
 
 
 def test_wrong_model_type(tmp_path):
