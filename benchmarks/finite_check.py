@@ -52,12 +52,8 @@ def run_combo(cfg, B, T, gdn_impl, attention_impl, moe_impl, seed=0):
         rope, token_mask = m._context(ids, batch["segment_ids"], batch["positions"])
         x = m.model.embed_tokens(ids)
         outs = [x]
-        stack = m.model.layers
         for i in range(cfg.num_hidden_layers):
-            r, j = stack.layer_location(i)
-            block_def, block_state = nnx.split(stack.blocks[j])
-            layer = nnx.merge(block_def, jax.tree.map(lambda a: a[r], block_state))
-            x, _ = layer(x, rope, batch["segment_ids"], token_mask)
+            x, _ = m.model.layers.layer(i)(x, rope, batch["segment_ids"], token_mask)
             outs.append(x)
         logits = m.logits(m.model.norm(x)[:, :64])
         return [jnp.all(jnp.isfinite(o)) for o in outs], [jnp.max(jnp.abs(o.astype(jnp.float32))) for o in outs], logits

@@ -88,6 +88,12 @@ class DecoderStack(nnx.Module):
         """(repeat r, block position j) holding decoder layer i."""
         return divmod(i, self.period)
 
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer i as a standalone module (its slice of the stacked block), for inspection and tests."""
+        r, j = self.layer_location(i)
+        graphdef, state = nnx.split(self.blocks[j])
+        return nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
+
     def __call__(self, x, rope, segment_ids, token_mask) -> tuple[jax.Array, jax.Array]:
         graphdefs, states = zip(*(nnx.split(block) for block in self.blocks))
 

@@ -9,7 +9,6 @@ forward hooks captured. Error measure: max |ours - theirs| / max |theirs| (and t
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,14 +36,6 @@ def golden(request):
     with open(os.path.join(d, "meta.json")) as f:
         meta = json.load(f)
     return name, model, dict(np.load(os.path.join(d, "golden.npz"))), dict(np.load(os.path.join(d, "modules.npz"))), meta
-
-
-def layer_module(model, i):
-    """Decoder layer i as a standalone module (its slice of the stacked block)."""
-    stack = model.model.layers
-    r, j = stack.layer_location(i)
-    graphdef, state = nnx.split(stack.blocks[j])
-    return nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
 
 
 @nnx.jit
@@ -93,7 +84,7 @@ def test_every_decoder_layer_in_isolation(golden):
     targets = list(g["hidden_states"][1:-1]) + [g["last_layer_output"]]
     errors = {}
     for i in range(cfg.num_hidden_layers):
-        layer = layer_module(model, i)
+        layer = model.model.layers.layer(i)
         assert layer.layer_type == cfg.layer_types[i]
         out, aux = _layer_call(layer, jnp.asarray(g["hidden_states"][i]), rope, mask)  # compiled once per kind
         errors[i] = rel_err(out, targets[i])
@@ -104,7 +95,7 @@ def test_every_decoder_layer_in_isolation(golden):
 def _module_case(model, mods, tag):
     if f"{tag}.in" not in mods:
         pytest.skip(f"this golden has no {tag} module")
-    layer = layer_module(model, int(mods[f"{tag}.layer"]))
+    layer = model.model.layers.layer(int(mods[f"{tag}.layer"]))
     return layer, jnp.asarray(mods[f"{tag}.in"]), mods[f"{tag}.out"]
 
 

@@ -149,6 +149,54 @@ def _mm_scoped(pairs, shape):
     return pl.run_scoped(scoped, plgpu.ACC(shape, F32))
 
 
+def _load_chunk(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, smem, bar, *, b, h, hv, rows):
+    """TMA loads shared by the two per-chunk kernels: q, k of key head h, v of value head hv, the gate vectors
+    (gc as row, column and scalar source, beta) and the segment vectors (run as row and column, cin, tail).
+    smem: (q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r); 11 arrivals on bar."""
+    q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r = smem
+    plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
+    plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s, bar)
+    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar)
+    for src, dst in ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)):
+        plgpu.copy_gmem_to_smem(src.at[b, hv, rows], dst, bar)
+    for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)):
+        plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
+
+
+def _normalise_qk(q_s, k_s, *, scale, l2norm, dt):
+    """In place in SMEM (bf16): q <- scale * q / |q|, k <- k / |k| (only the scale without l2norm). Returns the
+    fp32 reciprocal norms (rq, rk) for the norm's backward, None without l2norm. One fp32 tile live at a time."""
+    K = q_s.shape[-1]
+    rq = rk = None
+    qf = plgpu.load(q_s, layout=WGMMA).astype(F32)
+    if l2norm:
+        rq = lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS)
+        q_s[...] = (qf * _rows(rq * scale, (C, K))).astype(dt)
+    else:
+        q_s[...] = (qf * scale).astype(dt)
+    kf = plgpu.load(k_s, layout=WGMMA).astype(F32)
+    if l2norm:
+        rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
+        k_s[...] = (kf * _rows(rk, (C, K))).astype(dt)
+    else:
+        k_s[...] = kf.astype(dt)
+    plgpu.commit_smem()
+    return rq, rk
+
+
+def _masks(ri, rj):
+    """(row iota, column iota, strictly lower, lower incl. diagonal) of a [C, C] tile, both limited to pairs of one
+    run (ri, rj: the run ids as rows / columns). Recomputed where needed rather than kept live (registers)."""
+    ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+    same = _rows(ri, (C, C)) == _cols(rj, (C, C))
+    return ii, jj, (ii > jj) & same, (ii >= jj) & same
+
+
+def _decay(mask, gi, gj):
+    """2^(G_i - G_j) where mask holds, else 0."""
+    return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
+
+
 def _kernel(body, *, name, out_type, scratch, grid, grid_names):
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
                         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=_INTERPRET,
@@ -174,50 +222,24 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm, store_m=False):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
-        h = lax.div(hv, r)
         rows = pl.ds(c * C, C)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s, bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar)
-        for src, dst in ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)):
-            plgpu.copy_gmem_to_smem(src.at[b, hv, rows], dst, bar)
-        for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)):
-            plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
+        _load_chunk(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
+                    (q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r), bar,
+                    b=b, h=lax.div(hv, r), hv=hv, rows=rows)
         plgpu.barrier_wait(bar)
-
-        # normalised q, k go to SMEM as bf16 right away (few fp32 tiles live: no spills)
-        qf = plgpu.load(q_s, layout=WGMMA).astype(F32)
-        if l2norm:
-            q_s[...] = (qf * _rows(lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS) * scale, (C, K))).astype(dt)
-        else:
-            q_s[...] = (qf * scale).astype(dt)
-        kf = plgpu.load(k_s, layout=WGMMA).astype(F32)
-        if l2norm:
-            k_s[...] = (kf * _rows(lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS), (C, K))).astype(dt)
-        else:
-            k_s[...] = kf.astype(dt)
-        plgpu.commit_smem()
+        _normalise_qk(q_s, k_s, scale=scale, l2norm=l2norm, dt=dt)
         gi = plgpu.load(g_r, layout=ROWS)
         gj = plgpu.load(g_c, layout=COLS)
         bi = plgpu.load(b_r, layout=ROWS)
         ri = plgpu.load(run_r, layout=ROWS)
         rj = plgpu.load(run_c, layout=COLS)
-
-        def masks():
-            ii, jj = _iota((C, C), 0), _iota((C, C), 1)
-            same = _rows(ri, (C, C)) == _cols(rj, (C, C))
-            return ii, jj, (ii > jj) & same, (ii >= jj) & same
-
-        def decay(mask):
-            return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
-
         qk, kk = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None)])
-        ii, jj, strict, incl = masks()
-        p_s[...] = (qk * decay(incl)).astype(dt)              # the scores leave through p_s before the inverse
+        ii, jj, strict, incl = _masks(ri, rj)
+        p_s[...] = (qk * _decay(incl, gi, gj)).astype(dt)     # the scores leave through p_s before the inverse
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(p_s, a_ref.at[b, hv, rows])
-        ii, jj, strict, incl = masks()
-        a = kk * decay(strict) * _rows(bi, (C, C))            # A = beta_i k_i.k_j 2^(G_i - G_j), strict, same run
+        ii, jj, strict, incl = _masks(ri, rj)
+        a = kk * _decay(strict, gi, gj) * _rows(bi, (C, C))   # A = beta_i k_i.k_j 2^(G_i - G_j), strict, same run
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         x = _inverse(a, p_s, dt)
         if store_m:
@@ -433,37 +455,20 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
-        h = lax.div(hv, r)
         rows = pl.ds(c * C, C)
-        plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s, bar)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar)
+        _load_chunk(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
+                    (q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r), bar,
+                    b=b, h=lax.div(hv, r), hv=hv, rows=rows)
         plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv], do_s, bar)
         plgpu.copy_gmem_to_smem(vn_ref.at[b, hv, rows], vn_s, bar)
         plgpu.copy_gmem_to_smem(h_ref.at[b, hv, c], s_s, bar)
         plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar)
         plgpu.copy_gmem_to_smem(m_ref.at[b, hv, rows], m_s, bar)
-        for src, dst in ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)):
-            plgpu.copy_gmem_to_smem(src.at[b, hv, rows], dst, bar)
-        for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)):
-            plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
         plgpu.barrier_wait(bar)
 
         # Phases keep at most about two [C, K] fp32 arrays live (the rest goes through SMEM as bf16), so that the
         # single warpgroup does not spill.
-        qf = plgpu.load(q_s, layout=WGMMA).astype(F32)
-        if l2norm:
-            rq = lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS)
-            q_s[...] = (qf * _rows(rq * scale, (C, K))).astype(dt)
-        else:
-            q_s[...] = (qf * scale).astype(dt)
-        kf = plgpu.load(k_s, layout=WGMMA).astype(F32)
-        if l2norm:
-            rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
-            k_s[...] = (kf * _rows(rk, (C, K))).astype(dt)
-        else:
-            k_s[...] = kf.astype(dt)
-        plgpu.commit_smem()
+        rq, rk = _normalise_qk(q_s, k_s, scale=scale, l2norm=l2norm, dt=dt)
         gi = plgpu.load(g_r, layout=ROWS)
         gj = plgpu.load(g_c, layout=COLS)
         bi = plgpu.load(b_r, layout=ROWS)
@@ -477,19 +482,11 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
         bgci = bi * gci                       # Xk = kn * bgci
         kdec = jnp.exp2(g_last - gi) * ti     # kd = kn * kdec
 
-        def masks():
-            ii, jj = _iota((C, C), 0), _iota((C, C), 1)
-            same = _rows(ri, (C, C)) == _cols(rj, (C, C))
-            return ii, jj, (ii > jj) & same, (ii >= jj) & same
-
-        def decay(mask):
-            return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
-
         # phase A: P, KKD (-> SMEM)
         qk, kk = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None)])
-        ii, jj, strict, incl = masks()
-        p_s[...] = (qk * decay(incl)).astype(dt)
-        kkd_s[...] = (kk * decay(strict)).astype(dt)
+        ii, jj, strict, incl = _masks(ri, rj)
+        p_s[...] = (qk * _decay(incl, gi, gj)).astype(dt)
+        kkd_s[...] = (kk * _decay(strict, gi, gj)).astype(dt)
         plgpu.commit_smem()
 
         # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
@@ -497,7 +494,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
         dvn = _mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
         dvn16 = dvn.astype(dt)
         dvn_s[...] = dvn16
-        ii, jj, strict, incl = masks()
+        ii, jj, strict, incl = _masks(ri, rj)
         kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
         ia16 = (kkd * _rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
         y_s[...] = _mm([(ia16, vn_s)], (C, V)).astype(dt)
@@ -506,7 +503,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
         z_s[...] = _mm([(dm.astype(dt), m_s.T)], (C, C)).astype(dt)
         plgpu.commit_smem()
         da = _mm([(m_s.T, z_s)], (C, C))
-        ii, jj, strict, incl = masks()
+        ii, jj, strict, incl = _masks(ri, rj)
         da = jnp.where(strict, da * -1.0, 0.0)
         kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
         dakkd = da * kkd
@@ -514,7 +511,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
         ea = dakkd * _rows(bi, (C, C))                      # dA * A
         dg_row = jnp.sum(ea, axis=1)
         dg_col = jnp.sum(ea, axis=0) * -1.0
-        z_s[...] = (da * decay(strict) * _rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
+        z_s[...] = (da * _decay(strict, gi, gj) * _rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
 
         # phase C: dXv = M^T dv_new; dv = beta dXv; -dXk = dXv S^T
         dxv = _mm([(m_s.T, dvn_s)], (C, V))
@@ -536,11 +533,11 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
 
         # phase E: dP = do v_new^T
         dp = _mm([(do_s, vn_s.T)], (C, C))
-        ii, jj, strict, incl = masks()
+        ii, jj, strict, incl = _masks(ri, rj)
         ep = dp * plgpu.load(p_s, layout=WGMMA).astype(F32)
         dg_row = dg_row + jnp.sum(ep, axis=1)
         dg_col = dg_col - jnp.sum(ep, axis=0)
-        dpd16 = jnp.where(incl, dp * decay(incl), 0.0).astype(dt)
+        dpd16 = jnp.where(incl, dp * _decay(incl, gi, gj), 0.0).astype(dt)
         dpd_s = p_s                                          # P is no longer needed
         dpd_s[...] = dpd16
         plgpu.commit_smem()
@@ -634,23 +631,23 @@ def _pad_t(x, pad):
 
 
 def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, training=False):
-    """(o, final state); with training also the backward's residuals: the gate vectors, the prep kernel's outputs
-    with M, and the state entering every chunk with v_new. Keeping the prep outputs (about 1.3 KB per token and
+    """(o, final state); with training also the backward's residuals: q, k, v padded to whole chunks, the gate
+    vectors, the prep kernel's outputs with M, and the state entering every chunk with v_new. Keeping the prep outputs (about 1.3 KB per token and
     value head, bf16) spares the backward a second prep pass; under remat they live only for one layer's backward."""
     B, T, H, K = q.shape
     HV = v.shape[2]
     pad = (-T) % C
     gates = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
     gc, bt, run, cin, tail, gam = gates
-    prepped = _prep(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), gc, bt, run, cin, tail,
-                    scale=scale, l2norm=use_qk_l2norm, store_m=training)
+    padded = tuple(_pad_t(x, pad) for x in (q, k, v))
+    prepped = _prep(*padded, gc, bt, run, cin, tail, scale=scale, l2norm=use_qk_l2norm, store_m=training)
     nw, u, att, qd, kd = prepped[:5]
     outs = _state(nw, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype, store_h=training)
     o, ht = outs[0][:, :T], outs[1]
     if not training:
         return o, ht
     hc, vn = outs[2:]
-    return (o, ht), (gates, prepped, hc, vn)
+    return (o, ht), (padded, gates, prepped, hc, vn)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -663,30 +660,28 @@ def _gdn(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
 
 def _gdn_fwd(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
     out, saved = _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, training=True)
-    return out, (q, k, v, g, beta, segment_ids) + saved
+    return out, (g, beta, segment_ids) + saved
 
 
 def _bwd(use_qk_l2norm, scale, res, cts):
     """Reverse state pass (Mosaic kernel) for the gradient of the state leaving every chunk, then the chunk-local
     gradients of every chunk at once (Mosaic kernel); XLA only sums GVA groups and the gate pieces."""
-    q, k, v, g, beta, segment_ids, gates, prepped, hc, vn = res
+    g, beta, segment_ids, (qp, kp, vp), gates, prepped, hc, vn = res
     gc, bt, run, cin, tail, gam = gates
     nw, u, att, qd, kd, m = prepped
     do, dht = cts
-    B, T, H, K = q.shape
-    HV = v.shape[2]
+    B, Tp, H, K = qp.shape
+    T = do.shape[1]
+    HV = vp.shape[2]
     r = HV // H
-    pad = (-T) % C
-    Tp = T + pad
     NC = Tp // C
-    do_p = _pad_t(do.astype(v.dtype), pad)
+    do_p = _pad_t(do.astype(vp.dtype), Tp - T)
     dsp, dh0 = _state_bwd(do_p, nw, att, qd, kd, gam, dht.astype(F32))
-    dq, dk, dv, db, dgr, dgcol, rkd, sds = _chunk_bwd(_pad_t(q, pad), _pad_t(k, pad), _pad_t(v, pad), do_p, gc, bt,
-                                                     run, cin, tail, hc, dsp, vn, m, scale=scale,
-                                                     l2norm=use_qk_l2norm)
-    dq = dq[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(q.dtype)
-    dk = dk[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(k.dtype)
-    dv = dv[:, :T].astype(v.dtype)
+    dq, dk, dv, db, dgr, dgcol, rkd, sds = _chunk_bwd(qp, kp, vp, do_p, gc, bt, run, cin, tail, hc, dsp, vn, m,
+                                                     scale=scale, l2norm=use_qk_l2norm)
+    dq = dq[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(qp.dtype)
+    dk = dk[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(kp.dtype)
+    dv = dv[:, :T].astype(vp.dtype)
     db = db[:, :, :T].transpose(0, 2, 1).astype(beta.dtype)
     dgc = (dgr + dgcol).reshape(B, HV, NC, C)
     last = rkd.reshape(B, HV, NC, C).sum(-1) + gam[..., 0] * sds.sum(-1)
