@@ -186,12 +186,14 @@ def test_correlated_keys_and_weak_decay():
 
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests above run the kernels themselves")
-@pytest.mark.parametrize("correlated,tol,grad_tol", [(0.0, 1e-2, 2e-2), (0.9, 4e-2, 1e-1)])
-def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, correlated, tol, grad_tol):
+@pytest.mark.parametrize("H,HV,correlated,tol,grad_tol", [(1, 2, 0.0, 1e-2, 2e-2), (1, 2, 0.9, 4e-2, 1e-1),
+                                                          (2, 2, 0.0, 1e-2, 2e-2), (1, 3, 0.0, 1e-2, 2e-2)])
+def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, H, HV, correlated, tol, grad_tol):
     """Forward and gradients of the Mosaic GPU kernels through plgpu's interpreter (any backend, small shapes),
-    with random keys and with correlated keys at weak decay (see test_correlated_keys_and_weak_decay)."""
+    with random keys and with correlated keys at weak decay (see test_correlated_keys_and_weak_decay), for GVA
+    ratios 2, 1 and 3."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from kernels_pallas.gdn import pallas_gpu
     monkeypatch.setattr(pallas_gpu, "_INTERPRET", plgpu.InterpretGPUParams())
-    q, k, v, g, beta, h0, seg = make(1, 100, 1, 2, 64, 64, n_docs=2, seed=4, correlated=correlated)
+    q, k, v, g, beta, h0, seg = make(1, 100, H, HV, 64, 64, n_docs=2, seed=4, correlated=correlated)
     check_against_recurrence(q, k, v, g, beta, h0, seg, tol=tol, grad_tol=grad_tol, seed=8, jit=False)

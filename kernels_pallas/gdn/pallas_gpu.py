@@ -149,17 +149,15 @@ def _mm_scoped(pairs, shape):
     return pl.run_scoped(scoped, plgpu.ACC(shape, F32))
 
 
-def _load_chunk(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, smem, bar, *, b, h, hv, rows):
-    """TMA loads shared by the two per-chunk kernels: q, k of key head h, v of value head hv, the gate vectors
-    (gc as row, column and scalar source, beta) and the segment vectors (run as row and column, cin, tail).
-    smem: (q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r); 11 arrivals on bar."""
-    q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r = smem
+def _load_chunk(q_ref, k_ref, q_s, k_s, head_vecs, token_vecs, bar, *, b, h, hv, rows):
+    """TMA loads that open both per-chunk kernels: q, k of key head h, then per-token vectors into [C] SMEM rows:
+    head_vecs [(src [B, HV, Tp], dst)] of value head hv (gates), token_vecs [(src [B, Tp], dst)] (segments).
+    2 + len(head_vecs) + len(token_vecs) arrivals on bar."""
     plgpu.copy_gmem_to_smem(q_ref.at[b, rows, h], q_s, bar)
     plgpu.copy_gmem_to_smem(k_ref.at[b, rows, h], k_s, bar)
-    plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar)
-    for src, dst in ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)):
+    for src, dst in head_vecs:
         plgpu.copy_gmem_to_smem(src.at[b, hv, rows], dst, bar)
-    for src, dst in ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)):
+    for src, dst in token_vecs:
         plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
 
 
@@ -206,28 +204,37 @@ def _kernel(body, *, name, out_type, scratch, grid, grid_names):
 # --------------------------------------------------------------------------------------------------------------------
 # prep kernel: per chunk, fully parallel
 
-def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm, store_m=False):
-    """-w, u, P, qd, kd [B, HV, Tp, *] (bf16) and, with store_m, M = (I + A)^-1 [B, HV, Tp, C] for the backward."""
+def _prep(q, k, v, gc, beta, run, cin, *, scale, l2norm, store_m=False):
+    """-w, u, P [B, HV, Tp, *], the normalised qn (scale included), kn [B, H, Tp, K] (bf16, once per key head: the
+    state kernels apply the value heads' decays to their products, which halves these bytes under GVA) and, with
+    store_m, M = (I + A)^-1 [B, HV, Tp, C] for the backward."""
     B, Tp, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     r = HV // H
     NC = Tp // C
     dt = q.dtype
 
-    def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
-             w_ref, u_ref, a_ref, qd_ref, kd_ref, *rest):
+    def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref,
+             w_ref, u_ref, a_ref, qn_ref, kn_ref, *rest):
         if store_m:
             m_ref, *rest = rest
-        (q_s, k_s, v_s, bk_s, p_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, bar) = rest
+        (q_s, k_s, v_s, bk_s, p_s, g_r, g_c, b_r, run_r, run_c, cin_r, bar, v_bar) = rest
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
         rows = pl.ds(c * C, C)
-        _load_chunk(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
-                    (q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r), bar,
+        _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (beta_ref, b_r)),
+                    ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r)), bar,
                     b=b, h=lax.div(hv, r), hv=hv, rows=rows)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, v_bar)   # first needed after the inverse
         plgpu.barrier_wait(bar)
         _normalise_qk(q_s, k_s, scale=scale, l2norm=l2norm, dt=dt)
+
+        @pl.when(lax.rem(hv, r) == 0)    # the first value head of a key head writes its qn, kn
+        def _():
+            plgpu.copy_smem_to_gmem(q_s, qn_ref.at[b, lax.div(hv, r), rows])
+            plgpu.copy_smem_to_gmem(k_s, kn_ref.at[b, lax.div(hv, r), rows])
+
         gi = plgpu.load(g_r, layout=ROWS)
         gj = plgpu.load(g_c, layout=COLS)
         bi = plgpu.load(b_r, layout=ROWS)
@@ -240,7 +247,7 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm, store_m=False):
         plgpu.copy_smem_to_gmem(p_s, a_ref.at[b, hv, rows])
         ii, jj, strict, incl = _masks(ri, rj)
         a = kk * _decay(strict, gi, gj) * _rows(bi, (C, C))   # A = beta_i k_i.k_j 2^(G_i - G_j), strict, same run
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # P (and qn, kn) left p_s
         x = _inverse(a, p_s, dt)
         if store_m:
             p_s[...] = x.astype(dt)
@@ -248,10 +255,9 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm, store_m=False):
             plgpu.copy_smem_to_gmem(p_s, m_ref.at[b, hv, rows])
 
         ci = plgpu.load(cin_r, layout=ROWS)
-        ti = plgpu.load(tail_r, layout=ROWS)
-        gam_i = jnp.exp2(gi)
         knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
-        bk_s[...] = (knf * _rows(bi * gam_i * ci, (C, K))).astype(dt)
+        bk_s[...] = (knf * _rows(bi * jnp.exp2(gi) * ci, (C, K))).astype(dt)
+        plgpu.barrier_wait(v_bar)
         vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
         v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
         plgpu.commit_smem()
@@ -260,48 +266,45 @@ def _prep(q, k, v, gc, beta, run, cin, tail, *, scale, l2norm, store_m=False):
         w_o, u_o = bk_s, v_s
         w_o[...] = w.astype(dt)
         u_o[...] = u.astype(dt)
-        g_last = g_x[C - 1]
-        k_s[...] = (knf * _rows(jnp.exp2(g_last - gi) * ti, (C, K))).astype(dt)
-        qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
-        q_s[...] = (qnf * _rows(gam_i * ci, (C, K))).astype(dt)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(w_o, w_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(u_o, u_ref.at[b, hv, rows])
-        plgpu.copy_smem_to_gmem(q_s, qd_ref.at[b, hv, rows])
-        plgpu.copy_smem_to_gmem(k_s, kd_ref.at[b, hv, rows])
         plgpu.wait_smem_to_gmem(0)
 
     vec = plgpu.SMEM((C,), F32)
     scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, K), dt), _smem((C, C), dt),
-               vec, vec, vec, vec, vec, vec, vec, vec,
-               plgpu.Barrier(num_arrivals=11)]
+               vec, vec, vec, vec, vec, vec,
+               plgpu.Barrier(num_arrivals=8), plgpu.Barrier(num_arrivals=1)]
     out_type = [jax.ShapeDtypeStruct((B, HV, Tp, K), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt),
-                jax.ShapeDtypeStruct((B, HV, Tp, C), dt), jax.ShapeDtypeStruct((B, HV, Tp, K), dt),
-                jax.ShapeDtypeStruct((B, HV, Tp, K), dt)]
+                jax.ShapeDtypeStruct((B, HV, Tp, C), dt), jax.ShapeDtypeStruct((B, H, Tp, K), dt),
+                jax.ShapeDtypeStruct((B, H, Tp, K), dt)]
     if store_m:
         out_type.append(jax.ShapeDtypeStruct((B, HV, Tp, C), dt))
     f = _kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
                 grid_names=("b", "h", "c"))
-    return f(q, k, v, gc, beta, run, cin, tail)
+    return f(q, k, v, gc, beta, run, cin)
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # state kernel: sequential over chunks
 
-def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, stages=None):
+def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=False, bv=64, stages=None):
     """Forward state pass; returns o [B, Tp, HV, V] (out_dtype), final state fp32 and, with store_h, the state
-    entering every chunk [B, HV, NC, K, V] (bf16)."""
+    entering every chunk [B, HV, NC, K, V] (bf16) and v_new [B, HV, Tp, V]. qn, kn are per key head; the value
+    head's decays enter as row scales of products: qd S = gci * (qn S), kd^T v_new = kn^T (kdec * v_new)."""
     B, HV, Tp, K = nw.shape
+    r = HV // qn.shape[1]
     V = u.shape[-1]
     NC = Tp // C
     NV = V // bv
     dt = nw.dtype
-    ST = STATE_STAGES if stages is None else stages  # 1: no prefetch, but 2 CTAs fit an SM (96 KB of SMEM)
+    ST = STATE_STAGES if stages is None else stages  # 1: no prefetch (less SMEM)
+    sends = 3 if store_h else 1   # stores issued per step
 
-    def body(w_ref, u_ref, a_ref, qd_ref, kd_ref, gam_ref, h0_ref, o_ref, ht_ref, *rest):
+    def body(w_ref, u_ref, a_ref, qn_ref, kn_ref, gci_ref, kdec_ref, gam_ref, h0_ref, o_ref, ht_ref, *rest):
         if store_h:
             h_ref, vn_ref, *rest = rest
-        w_s, u_s, a_s, qd_s, kd_s, gam_s, s_s, vn_s, o_s, in_bar = rest
+        w_s, u_s, a_s, qn_s, kn_s, gci_s, kdec_s, gam_s, s_s, vn_s, vk_s, o_s, in_bar = rest
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         iv = lax.axis_index("v")
@@ -313,8 +316,10 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, s
             plgpu.copy_gmem_to_smem(w_ref.at[b, hv, rows], w_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(u_ref.at[b, hv, rows, cols], u_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(a_ref.at[b, hv, rows], a_s.at[slot], bb)
-            plgpu.copy_gmem_to_smem(qd_ref.at[b, hv, rows], qd_s.at[slot], bb)
-            plgpu.copy_gmem_to_smem(kd_ref.at[b, hv, rows], kd_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(qn_ref.at[b, lax.div(hv, r), rows], qn_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(kn_ref.at[b, lax.div(hv, r), rows], kn_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(gci_ref.at[b, hv, rows], gci_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(kdec_ref.at[b, hv, rows], kdec_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
 
         issue(0, 0)
@@ -322,6 +327,7 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, s
 
         def step(n, s):
             slot = lax.rem(n, ST)
+            out = lax.rem(n, 2)   # outgoing tiles alternate, so this step never waits for the last one's stores
 
             if ST > 1:
                 @pl.when(n + 1 < NC)
@@ -329,26 +335,30 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, s
                     issue(n + 1, lax.rem(n + 1, ST))
 
             plgpu.barrier_wait(in_bar.at[slot])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # s_s / o_s of the last chunk were sent
-            s_s[...] = s.astype(dt)
+            plgpu.wait_smem_to_gmem(sends, wait_read_only=True)   # the stores of two steps ago were read
+            s_o, vn_o, vk_o = s_s.at[out], vn_s.at[out], vk_s.at[out]
+            s_o[...] = s.astype(dt)
             plgpu.commit_smem()
             if store_h:
-                plgpu.copy_smem_to_gmem(s_s, h_ref.at[b, hv, n, :, cols])
+                plgpu.copy_smem_to_gmem(s_o, h_ref.at[b, hv, n, :, cols])
             uf = plgpu.load(u_s.at[slot], layout=WGMMA).astype(F32)
-            vn = _mm([(w_s.at[slot], s_s)], (C, bv), init=uf)            # u - w S
-            vn_s[...] = vn.astype(dt)
+            vn, qs = _mm_multi([([(w_s.at[slot], s_o)], (C, bv), uf),        # v_new = u - w S
+                                ([(qn_s.at[slot], s_o)], (C, bv), None)])    # qn S
+            vn_o[...] = vn.astype(dt)
+            vk_o[...] = (vn * _rows(plgpu.load(kdec_s.at[slot], layout=ROWS), (C, bv))).astype(dt)
             plgpu.commit_smem()
             if store_h:
-                plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[b, hv, pl.ds(n * C, C), cols])
-            o, s = _mm_multi([([(qd_s.at[slot], s_s), (a_s.at[slot], vn_s)], (C, bv), None),
-                              ([(kd_s.at[slot].T, vn_s)], (K, bv), s * gam_s[slot, 0])])
+                plgpu.copy_smem_to_gmem(vn_o, vn_ref.at[b, hv, pl.ds(n * C, C), cols])
+            gci = plgpu.load(gci_s.at[slot], layout=ROWS)
+            o, s = _mm_multi([([(a_s.at[slot], vn_o)], (C, bv), qs * _rows(gci, (C, bv))),
+                              ([(kn_s.at[slot].T, vk_o)], (K, bv), s * gam_s[slot, 0])])
             if ST == 1:
                 @pl.when(n + 1 < NC)
                 def _():
                     issue(n + 1, 0)
-            o_s[...] = o.astype(out_dtype)
+            o_s.at[out][...] = o.astype(out_dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, o_ref.at[b, pl.ds(n * C, C), hv, cols])
+            plgpu.copy_smem_to_gmem(o_s.at[out], o_ref.at[b, pl.ds(n * C, C), hv, cols])
             return s
 
         s = lax.fori_loop(0, NC, step, s0)
@@ -356,29 +366,32 @@ def _state(nw, u, att, qd, kd, gam, h0, *, T, out_dtype, store_h=False, bv=64, s
         ht_ref.at[b, hv, :, cols][...] = s
 
     scratch = [_smem((ST, C, K), dt), _smem((ST, C, bv), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
-               _smem((ST, C, K), dt), plgpu.SMEM((ST, GAMW), F32),
-               _smem((K, bv), dt), _smem((C, bv), dt), _smem((C, bv), out_dtype),
-               plgpu.Barrier(num_arrivals=6, num_barriers=ST)]
+               _smem((ST, C, K), dt), plgpu.SMEM((ST, C), F32), plgpu.SMEM((ST, C), F32),
+               plgpu.SMEM((ST, GAMW), F32),
+               _smem((2, K, bv), dt), _smem((2, C, bv), dt), _smem((2, C, bv), dt), _smem((2, C, bv), out_dtype),
+               plgpu.Barrier(num_arrivals=8, num_barriers=ST)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), out_dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
     if store_h:
         out_type += [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt)]
     f = _kernel(body, name="gdn_state", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
-    return f(nw, u, att, qd, kd, gam, h0)
+    return f(nw, u, att, qn, kn, gci, kdec, gam, h0)
 
 
-def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64, stages=None):
+def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64, stages=None):
     """Reverse state pass: the gradient of the state leaving every chunk, dS' [B, HV, NC, K, V] (bf16), and of the
-    initial state (fp32). Per chunk (reverse): dv_new = P^T do + kd dS'; dS = gam dS' + qd^T do - w^T dv_new."""
+    initial state (fp32). Per chunk (reverse): dv_new = P^T do + kdec * (kn dS'),
+    dS = gam dS' + qn^T (gci * do) - w^T dv_new."""
     B, HV, Tp, K = nw.shape
+    r = HV // qn.shape[1]
     V = do.shape[-1]
     NC = Tp // C
     NV = V // bv
     dt = nw.dtype
     ST = STATE_STAGES if stages is None else stages
 
-    def body(do_ref, w_ref, a_ref, qd_ref, kd_ref, gam_ref, dht_ref, dsp_ref, dh0_ref,
-             do_s, w_s, a_s, qd_s, kd_s, gam_s, ds_s, dvn_s, in_bar):
+    def body(do_ref, w_ref, a_ref, qn_ref, kn_ref, gci_ref, kdec_ref, gam_ref, dht_ref, dsp_ref, dh0_ref,
+             do_s, w_s, a_s, qn_s, kn_s, gci_s, kdec_s, gam_s, ds_s, dvn_s, dog_s, in_bar):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         iv = lax.axis_index("v")
@@ -390,8 +403,10 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64, stages=None):
             plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv, cols], do_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(w_ref.at[b, hv, rows], w_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(a_ref.at[b, hv, rows], a_s.at[slot], bb)
-            plgpu.copy_gmem_to_smem(qd_ref.at[b, hv, rows], qd_s.at[slot], bb)
-            plgpu.copy_gmem_to_smem(kd_ref.at[b, hv, rows], kd_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(qn_ref.at[b, lax.div(hv, r), rows], qn_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(kn_ref.at[b, lax.div(hv, r), rows], kn_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(gci_ref.at[b, hv, rows], gci_s.at[slot], bb)
+            plgpu.copy_gmem_to_smem(kdec_ref.at[b, hv, rows], kdec_s.at[slot], bb)
             plgpu.copy_gmem_to_smem(gam_ref.at[b, hv, n], gam_s.at[slot], bb)
 
         issue(NC - 1, 0)
@@ -407,15 +422,19 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64, stages=None):
                     issue(n - 1, lax.rem(i + 1, ST))
 
             plgpu.barrier_wait(in_bar.at[slot])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            ds_s[...] = ds.astype(dt)
+            plgpu.wait_smem_to_gmem(1, wait_read_only=True)   # dS' tiles alternate: the one of two steps ago was read
+            ds_o = ds_s.at[lax.rem(i, 2)]
+            ds_o[...] = ds.astype(dt)
+            dof = plgpu.load(do_s.at[slot], layout=WGMMA).astype(F32)
+            dog_s[...] = (dof * _rows(plgpu.load(gci_s.at[slot], layout=ROWS), (C, bv))).astype(dt)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(ds_s, dsp_ref.at[b, hv, n, :, cols])
-            dvn = _mm([(a_s.at[slot].T, do_s.at[slot]), (kd_s.at[slot], ds_s)], (C, bv))
+            plgpu.copy_smem_to_gmem(ds_o, dsp_ref.at[b, hv, n, :, cols])
+            pdo, kds = _mm_multi([([(a_s.at[slot].T, do_s.at[slot])], (C, bv), None),
+                                  ([(kn_s.at[slot], ds_o)], (C, bv), None)])
+            dvn = pdo + kds * _rows(plgpu.load(kdec_s.at[slot], layout=ROWS), (C, bv))
             dvn_s[...] = dvn.astype(dt)
             plgpu.commit_smem()
-            ds = _mm([(qd_s.at[slot].T, do_s.at[slot]), (w_s.at[slot].T, dvn_s)], (K, bv),
-                     init=ds * gam_s[slot, 0])
+            ds = _mm([(qn_s.at[slot].T, dog_s), (w_s.at[slot].T, dvn_s)], (K, bv), init=ds * gam_s[slot, 0])
             if ST == 1:
                 @pl.when(n > 0)
                 def _():
@@ -427,13 +446,14 @@ def _state_bwd(do, nw, att, qd, kd, gam, dht, *, bv=64, stages=None):
         dh0_ref.at[b, hv, :, cols][...] = ds
 
     scratch = [_smem((ST, C, bv), dt), _smem((ST, C, K), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
-               _smem((ST, C, K), dt), plgpu.SMEM((ST, GAMW), F32),
-               _smem((K, bv), dt), _smem((C, bv), dt),
-               plgpu.Barrier(num_arrivals=6, num_barriers=ST)]
+               _smem((ST, C, K), dt), plgpu.SMEM((ST, C), F32), plgpu.SMEM((ST, C), F32),
+               plgpu.SMEM((ST, GAMW), F32),
+               _smem((2, K, bv), dt), _smem((C, bv), dt), _smem((C, bv), dt),
+               plgpu.Barrier(num_arrivals=8, num_barriers=ST)]
     out_type = [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
     f = _kernel(body, name="gdn_state_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
-    return f(do, nw, att, qd, kd, gam, dht)
+    return f(do, nw, att, qn, kn, gci, kdec, gam, dht)
 
 
 def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, l2norm):
@@ -451,19 +471,22 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
     def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, h_ref, dsp_ref, vn_ref, m_ref,
              dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
              q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
-             g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, o_r, o_c, o_r2, o_r3, o_k, bar):
+             g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, o_r, o_c, o_r2, o_r3, o_k, bar, bar_b, bar_y, bar_c):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
         rows = pl.ds(c * C, C)
-        _load_chunk(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref,
-                    (q_s, k_s, v_s, g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r), bar,
+        # One CTA fills an SM (SMEM), so nothing else hides its loads: they are issued in the order the phases need
+        # them, each group on its own barrier, and the first phases run while the later operands arrive.
+        _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)),
+                    ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)), bar,
                     b=b, h=lax.div(hv, r), hv=hv, rows=rows)
-        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv], do_s, bar)
-        plgpu.copy_gmem_to_smem(vn_ref.at[b, hv, rows], vn_s, bar)
-        plgpu.copy_gmem_to_smem(h_ref.at[b, hv, c], s_s, bar)
-        plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar)
-        plgpu.copy_gmem_to_smem(m_ref.at[b, hv, rows], m_s, bar)
+        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv], do_s, bar_b)
+        plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar_b)
+        plgpu.copy_gmem_to_smem(vn_ref.at[b, hv, rows], vn_s, bar_y)
+        plgpu.copy_gmem_to_smem(m_ref.at[b, hv, rows], m_s, bar_y)
+        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar_c)
+        plgpu.copy_gmem_to_smem(h_ref.at[b, hv, c], s_s, bar_c)
         plgpu.barrier_wait(bar)
 
         # Phases keep at most about two [C, K] fp32 arrays live (the rest goes through SMEM as bf16), so that the
@@ -491,12 +514,14 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
 
         # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
         kd16 = (plgpu.load(k_s, layout=WGMMA).astype(F32) * _rows(kdec, (C, K))).astype(dt)
+        plgpu.barrier_wait(bar_b)
         dvn = _mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
         dvn16 = dvn.astype(dt)
         dvn_s[...] = dvn16
         ii, jj, strict, incl = _masks(ri, rj)
         kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
         ia16 = (kkd * _rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
+        plgpu.barrier_wait(bar_y)
         y_s[...] = _mm([(ia16, vn_s)], (C, V)).astype(dt)
         plgpu.commit_smem()
         dm = _mm([(dvn16, y_s.T)], (C, C))
@@ -515,9 +540,12 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
 
         # phase C: dXv = M^T dv_new; dv = beta dXv; -dXk = dXv S^T
         dxv = _mm([(m_s.T, dvn_s)], (C, V))
+        plgpu.barrier_wait(bar_c)
         vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
         db = db + jnp.sum(vf * dxv, axis=1)
-        y_s[...] = (dxv * _rows(bi, (C, V))).astype(dt)     # dv (staged)
+        y_s[...] = (dxv * _rows(bi, (C, V))).astype(dt)     # dv: final, leaves now
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(y_s, dv_ref.at[b, rows, hv])
         ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))
         knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
         t = jnp.sum(knf * ndxk, axis=1)
@@ -574,7 +602,6 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, rows, hv])
         plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, rows, hv])
-        plgpu.copy_smem_to_gmem(y_s, dv_ref.at[b, rows, hv])
         plgpu.copy_smem_to_gmem(o_r, db_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(o_r2, dgr_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(o_c, dgc_ref.at[b, hv, rows])
@@ -588,7 +615,8 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
                _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt),
                _smem((C, V), dt), _smem((C, V), dt),
                vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
-               plgpu.Barrier(num_arrivals=16)]
+               plgpu.Barrier(num_arrivals=10), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2),
+               plgpu.Barrier(num_arrivals=2)]
     vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, K), dt), jax.ShapeDtypeStruct((B, Tp, HV, K), dt),
                 jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
@@ -609,21 +637,27 @@ def _runs(segment_ids, B, T):
 
 
 def _gate_prep(g, beta, segment_ids, B, T, HV, pad):
-    """Head-major fp32 gate vectors: gc (chunk-local cumsum of g in log2 units), beta, run/cin/tail, gam."""
+    """Head-major fp32 gate vectors: gc (chunk-local cumsum of g in log2 units), beta, run/cin/tail, gam, and the
+    row scales of the state kernels, gci = 2^G cin (qd = qn gci) and kdec = 2^(G_last - G) tail (kd = kn kdec)."""
     Tp = T + pad
     NC = Tp // C
     gf = jnp.pad(g.astype(F32), ((0, 0), (0, pad), (0, 0)))
     bf = jnp.pad(beta.astype(F32), ((0, 0), (0, pad), (0, 0)))
-    gc = jnp.cumsum(gf.reshape(B, NC, C, HV), axis=2) * LOG2E           # [B, NC, C, HV]
+    gc = _chunk_cumsum(gf.reshape(B, NC, C, HV), axis=2) * LOG2E        # [B, NC, C, HV]
     runs = jnp.pad(_runs(segment_ids, B, T), ((0, 0), (0, pad)), mode="edge").reshape(B, NC, C)
     entering = jnp.concatenate([runs[:, :1, :1], runs[:, :-1, -1:]], axis=1)   # run of the incoming state
     cin = (runs == entering).astype(F32)                                  # [B, NC, C]
     tail = (runs == runs[:, :, -1:]).astype(F32)
     gam = jnp.exp2(gc[:, :, -1, :]) * cin[:, :, -1:]                      # [B, NC, HV]
-    gc_h = gc.reshape(B, Tp, HV).transpose(0, 2, 1)
-    b_h = bf.transpose(0, 2, 1)
+    gci = jnp.exp2(gc) * cin[..., None]                                   # [B, NC, C, HV]
+    kdec = jnp.exp2(gc[:, :, -1:, :] - gc) * tail[..., None]
+
+    def head_major(x):                                                    # [B, NC, C, HV] -> [B, HV, Tp]
+        return x.reshape(B, Tp, HV).transpose(0, 2, 1)
+
     gam = jnp.broadcast_to(gam.transpose(0, 2, 1)[..., None], (B, HV, NC, GAMW))   # 128-byte rows: TMA alignment
-    return gc_h, b_h, runs.reshape(B, Tp).astype(F32), cin.reshape(B, Tp), tail.reshape(B, Tp), gam
+    return (head_major(gc), bf.transpose(0, 2, 1), runs.reshape(B, Tp).astype(F32), cin.reshape(B, Tp),
+            tail.reshape(B, Tp), gam, head_major(gci), head_major(kdec))
 
 
 def _pad_t(x, pad):
@@ -638,11 +672,11 @@ def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, training=F
     HV = v.shape[2]
     pad = (-T) % C
     gates = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
-    gc, bt, run, cin, tail, gam = gates
+    gc, bt, run, cin, tail, gam, gci, kdec = gates
     padded = tuple(_pad_t(x, pad) for x in (q, k, v))
-    prepped = _prep(*padded, gc, bt, run, cin, tail, scale=scale, l2norm=use_qk_l2norm, store_m=training)
-    nw, u, att, qd, kd = prepped[:5]
-    outs = _state(nw, u, att, qd, kd, gam, h0, T=T, out_dtype=v.dtype, store_h=training)
+    prepped = _prep(*padded, gc, bt, run, cin, scale=scale, l2norm=use_qk_l2norm, store_m=training)
+    nw, u, att, qn, kn = prepped[:5]
+    outs = _state(nw, u, att, qn, kn, gci, kdec, gam, h0, T=T, out_dtype=v.dtype, store_h=training)
     o, ht = outs[0][:, :T], outs[1]
     if not training:
         return o, ht
@@ -667,28 +701,40 @@ def _bwd(use_qk_l2norm, scale, res, cts):
     """Reverse state pass (Mosaic kernel) for the gradient of the state leaving every chunk, then the chunk-local
     gradients of every chunk at once (Mosaic kernel); XLA only sums GVA groups and the gate pieces."""
     g, beta, segment_ids, (qp, kp, vp), gates, prepped, hc, vn = res
-    gc, bt, run, cin, tail, gam = gates
-    nw, u, att, qd, kd, m = prepped
+    gc, bt, run, cin, tail, gam, gci, kdec = gates
+    nw, u, att, qn, kn, m = prepped
     do, dht = cts
-    B, Tp, H, K = qp.shape
+    Tp, H = qp.shape[1], qp.shape[2]
     T = do.shape[1]
-    HV = vp.shape[2]
-    r = HV // H
-    NC = Tp // C
     do_p = _pad_t(do.astype(vp.dtype), Tp - T)
-    dsp, dh0 = _state_bwd(do_p, nw, att, qd, kd, gam, dht.astype(F32))
-    dq, dk, dv, db, dgr, dgcol, rkd, sds = _chunk_bwd(qp, kp, vp, do_p, gc, bt, run, cin, tail, hc, dsp, vn, m,
-                                                     scale=scale, l2norm=use_qk_l2norm)
-    dq = dq[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(qp.dtype)
-    dk = dk[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(kp.dtype)
-    dv = dv[:, :T].astype(vp.dtype)
-    db = db[:, :, :T].transpose(0, 2, 1).astype(beta.dtype)
+    dsp, dh0 = _state_bwd(do_p, nw, att, qn, kn, gci, kdec, gam, dht.astype(F32))
+    pieces = _chunk_bwd(qp, kp, vp, do_p, gc, bt, run, cin, tail, hc, dsp, vn, m, scale=scale, l2norm=use_qk_l2norm)
+    dq, dk, dv, dg, db = _assemble_grads(*pieces, gam, T=T, H=H)
+    dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
+    return dq, dk, dv, dg.astype(g.dtype), db.astype(beta.dtype), dh0, dseg
+
+
+def _assemble_grads(dq, dk, dv, db, dgr, dgcol, rkd, sds, gam, *, T, H):
+    """XLA tail of the backward: GVA sums of dq, dk; dg from the gate pieces by a reverse chunk-local cumsum."""
+    B, Tp, HV, K = dq.shape
+    NC = Tp // C
+    r = HV // H
+    dq = dq[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(dq.dtype)
+    dk = dk[:, :T].astype(F32).reshape(B, T, H, r, K).sum(3).astype(dk.dtype)
     dgc = (dgr + dgcol).reshape(B, HV, NC, C)
     last = rkd.reshape(B, HV, NC, C).sum(-1) + gam[..., 0] * sds.sum(-1)
     dgc = dgc.at[..., -1].add(last)
-    dg = jnp.flip(jnp.cumsum(jnp.flip(dgc, -1), -1), -1).reshape(B, HV, Tp)[:, :, :T].transpose(0, 2, 1)
-    dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
-    return dq, dk, dv, dg.astype(g.dtype), db, dh0, dseg
+    dg = _chunk_cumsum(dgc, reverse=True).reshape(B, HV, Tp)[:, :, :T].transpose(0, 2, 1)
+    return dq, dk, dv[:, :T], dg, db[:, :, :T].transpose(0, 2, 1)
+
+
+def _chunk_cumsum(x, *, axis=-1, reverse=False):
+    """Cumulative sum over a chunk axis of length C as one small fp32 matmul (XLA's scan lowering of jnp.cumsum
+    costs several passes)."""
+    tri = jnp.tril(jnp.ones((C, C), F32))             # tri[i, j] = 1 for j <= i
+    spec = "ji,...j->...i" if reverse else "ij,...j->...i"
+    x = jnp.moveaxis(x, axis, -1)
+    return jnp.moveaxis(jnp.einsum(spec, tri, x, precision=lax.Precision.HIGHEST), -1, axis)
 
 
 _gdn.defvjp(_gdn_fwd, _bwd)
