@@ -10,10 +10,12 @@ Layout of the computation (chunk C = 64 tokens, per batch b and value head hv):
   2^(G_i - G_j)`` (strict lower, same run), the UT inverse ``M = (I + A)^-1`` by merging diagonal blocks on the tensor
   cores (``X <- X - X L X``, 1 -> 2 -> ... -> 64, bf16 operands, fp32 accumulation; see ``_inverse``), the WY factors
   ``w = M (beta 2^G cin k)``, ``u = M (beta v)``, the masked intra-chunk scores ``P = (q k^T) 2^(G_i - G_j)``,
-  ``qd = q 2^G cin`` and ``kd = k 2^(G_last - G) tail``; all stored bf16, head-major.
+  and the normalised ``qn``, ``kn`` once per key head; all stored bf16, head-major.
 * ``_state`` kernel, one CTA per (b, hv, 64 value columns), sequential over chunks with the state ``S [K, 64]``
   (fp32) in registers and a double-buffered TMA pipeline: ``v_new = u - w S``, ``o = qd S + P v_new``,
-  ``S <- gam S + kd^T v_new``. Writes o in the user layout ``[B, T, HV, V]`` and the final state.
+  ``S <- gam S + kd^T v_new``, where ``qd = qn 2^G cin`` and ``kd = kn 2^(G_last - G) tail`` enter as row scales of
+  the products (``gci``, ``kdec`` from the XLA prep). Writes o in the user layout ``[B, T, HV, V]`` and the final
+  state.
 
 Backward (``jax.custom_vjp``): the forward also stores M, the state entering every chunk and v_new, and keeps the
 prep outputs; ``_state_bwd`` (reverse sequential) gives the gradient of the state leaving every chunk and of the
