@@ -1,7 +1,8 @@
 """Gated DeltaNet op benchmark on one GPU: correctness spot check, then forward and forward+backward timings.
 
-Usage (on a Hopper GPU):  python3 benchmarks/gdn.py [--small] [--impls pallas_gpu,xla] [--out DIR]
-Shapes are the ANCHORS ones (16 key heads, 32 value heads, dk = dv = 128, bf16): B x T = 8x4096, 2x16384, 1x65536.
+Usage (on a Hopper GPU):  python3 benchmarks/gdn.py [--small] [--impls pallas_gpu,chunked] [--head-dim D] [--out DIR]
+Shapes are the ANCHORS ones (16 key heads, 32 value heads, dk = dv = 128, bf16): B x T = 8x4096, 2x16384, 1x65536;
+--head-dim sets dk = dv (the ANCHORS figures are at 128).
 Timing: median over 5 repetitions of the mean wall time of 20 back-to-back calls after a warm-up, synchronised at the
 end (the same method as shared/anchors/gpu_anchors.py's jax_bench, so figures are comparable side by side).
 Writes <out>/gdn_bench.json.
@@ -48,20 +49,23 @@ def get_impl(name):
     if name == "pallas_gpu":
         from kernels_pallas.gdn import pallas_gpu
         return lambda q, k, v, g, beta: pallas_gpu.gated_delta_rule(q, k, v, g, beta)[0]
-    if name == "pallas_gpu_fwdonly_state":
-        from kernels_pallas.gdn import pallas_gpu
-        return lambda q, k, v, g, beta: pallas_gpu.gated_delta_rule(q, k, v, g, beta)
+    if name == "chunked":
+        from kernels_pallas.gdn import gated_delta_rule
+        return lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, impl="chunked")[0]
     raise ValueError(name)
 
 
 def main():
+    global DK, DV
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--impls", default="pallas_gpu")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--head-dim", type=int, default=DK)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
+    DK = DV = a.head_dim
     shapes = [(1, 256)] if a.small else [(8, 4096), (2, 16384), (1, 65536)]
     res = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}

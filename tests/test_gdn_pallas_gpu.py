@@ -115,6 +115,9 @@ CASES = [
     (2, 320, 2, 2, 64, 64, 4, False),      # head dim 64, no initial state
     (1, 128, 2, 4, 64, 128, 2, True),
     (1, 100, 1, 1, 128, 64, 2, True),
+    (1, 200, 1, 2, 256, 256, 3, True),     # head dim 256: K = 256 kernels, value heads run as 64-wide slices
+    (1, 130, 2, 2, 128, 256, 0, True),     # V = 256 as two 128-wide slices
+    (1, 96, 1, 2, 256, 128, 2, False),
 ]
 
 
@@ -170,7 +173,9 @@ def test_supports_predicate():
     q2, k2, v2, *_ = make(1, 64, 1, 2, 96, 128)
     assert not pallas_gpu.supports(q2, k2, v2, g, beta)
     q3, k3, v3, *_ = make(1, 64, 1, 2, 256, 256)
-    assert not pallas_gpu.supports(q3, k3, v3, g, beta)       # head dim 256: not covered, falls back
+    assert pallas_gpu.supports(q3, k3, v3, g, beta)
+    q4, k4, v4, *_ = make(1, 64, 1, 2, 128, 512)
+    assert not pallas_gpu.supports(q4, k4, v4, g, beta)       # value head dim 512: not covered, falls back
     assert not pallas_gpu.supports(q, k, v, g, beta, chunk_size=32)
 
 
@@ -186,14 +191,15 @@ def test_correlated_keys_and_weak_decay():
 
 @pytest.mark.slow
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the GPU tests above run the kernels themselves")
-@pytest.mark.parametrize("H,HV,correlated,tol,grad_tol", [(1, 2, 0.0, 1e-2, 2e-2), (1, 2, 0.9, 4e-2, 1e-1),
-                                                          (2, 2, 0.0, 1e-2, 2e-2), (1, 3, 0.0, 1e-2, 2e-2)])
-def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, H, HV, correlated, tol, grad_tol):
+@pytest.mark.parametrize("H,HV,K,V,correlated,tol,grad_tol", [
+    (1, 2, 64, 64, 0.0, 1e-2, 2e-2), (1, 2, 64, 64, 0.9, 4e-2, 1e-1), (2, 2, 64, 64, 0.0, 1e-2, 2e-2),
+    (1, 3, 64, 64, 0.0, 1e-2, 2e-2), (1, 1, 256, 128, 0.0, 1e-2, 2e-2)])
+def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, H, HV, K, V, correlated, tol, grad_tol):
     """Forward and gradients of the Mosaic GPU kernels through plgpu's interpreter (any backend, small shapes),
     with random keys and with correlated keys at weak decay (see test_correlated_keys_and_weak_decay), for GVA
-    ratios 2, 1 and 3."""
+    ratios 2, 1 and 3, and head dim 256 (value slices of 64)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
     from kernels_pallas.gdn import pallas_gpu
     monkeypatch.setattr(pallas_gpu, "_INTERPRET", plgpu.InterpretGPUParams())
-    q, k, v, g, beta, h0, seg = make(1, 100, H, HV, 64, 64, n_docs=2, seed=4, correlated=correlated)
+    q, k, v, g, beta, h0, seg = make(1, 100, H, HV, K, V, n_docs=2, seed=4, correlated=correlated)
     check_against_recurrence(q, k, v, g, beta, h0, seg, tol=tol, grad_tol=grad_tol, seed=8, jit=False)

@@ -40,7 +40,8 @@ LOG2E = math.log2(math.e)
 F32 = jnp.float32
 BF16 = jnp.bfloat16
 EPS = 1e-6
-STATE_STAGES = 2  # TMA pipeline depth of the two sequential state kernels
+STATE_STAGES = 2  # TMA pipeline depth of the two sequential state kernels (1 at K = 256, for SMEM)
+V_SLICE = {64: 128, 128: 128, 256: 64}  # widest value block each key head dim's kernels fit in SMEM
 GAMW = 32  # per-chunk state decay is stored in 128-byte rows (TMA destinations in SMEM must be 128-byte aligned)
 
 WGMMA = plgpu.Layout.WGMMA
@@ -48,7 +49,7 @@ ROWS = plgpu.Layout.WGMMA.reduce(1)
 COLS = plgpu.Layout.WGMMA.reduce(0)
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
-SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 _INTERPRET = None  # tests on CPU may set plgpu.InterpretGPUParams()
 
@@ -290,7 +291,7 @@ def _prep(q, k, v, gc, beta, run, cin, *, scale, l2norm, store_m=False):
 # --------------------------------------------------------------------------------------------------------------------
 # state kernel: sequential over chunks
 
-def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=False, bv=64, stages=None):
+def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=False, bv=64):
     """Forward state pass; returns o [B, Tp, HV, V] (out_dtype), final state fp32 and, with store_h, the state
     entering every chunk [B, HV, NC, K, V] (bf16) and v_new [B, HV, Tp, V]. qn, kn are per key head; the value
     head's decays enter as row scales of products: qd S = gci * (qn S), kd^T v_new = kn^T (kdec * v_new)."""
@@ -300,7 +301,8 @@ def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=Fals
     NC = Tp // C
     NV = V // bv
     dt = nw.dtype
-    ST = STATE_STAGES if stages is None else stages  # 1: no prefetch (less SMEM)
+    ST = STATE_STAGES if K <= 128 else 1
+    NO = 2 if K <= 128 else 1     # outgoing tiles alternate (no wait on the last step's stores) where SMEM allows
     sends = 3 if store_h else 1   # stores issued per step
 
     def body(w_ref, u_ref, a_ref, qn_ref, kn_ref, gci_ref, kdec_ref, gam_ref, h0_ref, o_ref, ht_ref, *rest):
@@ -329,7 +331,7 @@ def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=Fals
 
         def step(n, s):
             slot = lax.rem(n, ST)
-            out = lax.rem(n, 2)   # outgoing tiles alternate, so this step never waits for the last one's stores
+            out = lax.rem(n, NO)
 
             if ST > 1:
                 @pl.when(n + 1 < NC)
@@ -337,7 +339,7 @@ def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=Fals
                     issue(n + 1, lax.rem(n + 1, ST))
 
             plgpu.barrier_wait(in_bar.at[slot])
-            plgpu.wait_smem_to_gmem(sends, wait_read_only=True)   # the stores of two steps ago were read
+            plgpu.wait_smem_to_gmem(sends * (NO - 1), wait_read_only=True)   # the stores of NO steps ago were read
             s_o, vn_o, vk_o = s_s.at[out], vn_s.at[out], vk_s.at[out]
             s_o[...] = s.astype(dt)
             plgpu.commit_smem()
@@ -370,7 +372,7 @@ def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=Fals
     scratch = [_smem((ST, C, K), dt), _smem((ST, C, bv), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
                _smem((ST, C, K), dt), plgpu.SMEM((ST, C), F32), plgpu.SMEM((ST, C), F32),
                plgpu.SMEM((ST, GAMW), F32),
-               _smem((2, K, bv), dt), _smem((2, C, bv), dt), _smem((2, C, bv), dt), _smem((2, C, bv), out_dtype),
+               _smem((NO, K, bv), dt), _smem((NO, C, bv), dt), _smem((NO, C, bv), dt), _smem((NO, C, bv), out_dtype),
                plgpu.Barrier(num_arrivals=8, num_barriers=ST)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), out_dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
     if store_h:
@@ -380,7 +382,7 @@ def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=Fals
     return f(nw, u, att, qn, kn, gci, kdec, gam, h0)
 
 
-def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64, stages=None):
+def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64):
     """Reverse state pass: the gradient of the state leaving every chunk, dS' [B, HV, NC, K, V] (bf16), and of the
     initial state (fp32). Per chunk (reverse): dv_new = P^T do + kdec * (kn dS'),
     dS = gam dS' + qn^T (gci * do) - w^T dv_new."""
@@ -390,7 +392,7 @@ def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64, stages=None):
     NC = Tp // C
     NV = V // bv
     dt = nw.dtype
-    ST = STATE_STAGES if stages is None else stages
+    ST = STATE_STAGES if K <= 128 else 1
 
     def body(do_ref, w_ref, a_ref, qn_ref, kn_ref, gci_ref, kdec_ref, gam_ref, dht_ref, dsp_ref, dh0_ref,
              do_s, w_s, a_s, qn_s, kn_s, gci_s, kdec_s, gam_s, ds_s, dvn_s, dog_s, in_bar):
@@ -744,8 +746,8 @@ _gdn.defvjp(_gdn_fwd, _bwd)
 
 def supports(q, k, v, g=None, beta=None, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
              chunk_size=64, **_):
-    """True only for calls the GPU tests cover: a Hopper GPU (sm_90), bf16 q/k/v, key and value head dims 64 or
-    128, HV a multiple of H, chunk size 64; any T, B, initial state, segment_ids, with or without the L2 norm."""
+    """True only for calls the GPU tests cover: a Hopper GPU (sm_90), bf16 q/k/v, key and value head dims 64, 128
+    or 256, HV a multiple of H, chunk size 64; any T, B, initial state, segment_ids, with or without the L2 norm."""
     try:
         if _INTERPRET is None:
             if jax.default_backend() != "gpu":
@@ -781,8 +783,16 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, 
     K = q.shape[-1]
     if scale is None:
         scale = K ** -0.5
+    V = v.shape[-1]
     if initial_state is None:
-        h0 = jnp.zeros((q.shape[0], v.shape[2], K, v.shape[3]), F32)
+        h0 = jnp.zeros((q.shape[0], v.shape[2], K, V), F32)
     else:
         h0 = initial_state.astype(F32)
-    return _gdn(q, k, v, g, beta, h0, segment_ids, bool(use_qk_l2norm), float(scale))
+    # The recurrence is independent across value columns (S's columns never mix), so wide value heads run as
+    # slices of the widest block the kernels fit in SMEM; autodiff sums the slices' dq, dk, dg and dbeta.
+    width = min(V, V_SLICE[K])
+    outs = [_gdn(q, k, v[..., i:i + width], g, beta, h0[..., i:i + width], segment_ids, bool(use_qk_l2norm),
+                 float(scale)) for i in range(0, V, width)]
+    if len(outs) == 1:
+        return outs[0]
+    return jnp.concatenate([o for o, _ in outs], -1), jnp.concatenate([s for _, s in outs], -1)
