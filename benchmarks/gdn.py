@@ -19,17 +19,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax
 import jax.numpy as jnp
 
-H, HV, DK, DV = 16, 32, 128, 128
+H, HV, D = 16, 32, 128   # heads and head dim (dk = dv) of Qwen3-Next's Gated DeltaNet
 
 
-def inputs(B, T, seed=0):
+def inputs(B, T, d=D, seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 6)
-    q = jax.random.normal(ks[0], (B, T, H, DK), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (B, T, H, DK), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (B, T, HV, DV), jnp.bfloat16)
+    q = jax.random.normal(ks[0], (B, T, H, d), jnp.bfloat16)
+    k = jax.random.normal(ks[1], (B, T, H, d), jnp.bfloat16)
+    v = jax.random.normal(ks[2], (B, T, HV, d), jnp.bfloat16)
     g = jax.nn.log_sigmoid(jax.random.normal(ks[3], (B, T, HV)) + 3.0)
     beta = jax.nn.sigmoid(jax.random.normal(ks[4], (B, T, HV)))
-    do = jax.random.normal(ks[5], (B, T, HV, DV), jnp.bfloat16)
+    do = jax.random.normal(ks[5], (B, T, HV, d), jnp.bfloat16)
     return q, k, v, g, beta, do
 
 
@@ -56,16 +56,14 @@ def get_impl(name):
 
 
 def main():
-    global DK, DV
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
     ap.add_argument("--impls", default="pallas_gpu")
     ap.add_argument("--fwd-only", action="store_true")
     ap.add_argument("--breakdown", action="store_true")
-    ap.add_argument("--head-dim", type=int, default=DK)
+    ap.add_argument("--head-dim", type=int, default=D)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
-    DK = DV = a.head_dim
     shapes = [(1, 256)] if a.small else [(8, 4096), (2, 16384), (1, 65536)]
     res = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind),
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
@@ -84,7 +82,7 @@ def main():
             return vjp(do)
 
         for B, T in shapes:
-            q, k, v, g, beta, do = inputs(B, T)
+            q, k, v, g, beta, do = inputs(B, T, a.head_dim)
             t0 = time.time()
             jax.block_until_ready(fwd(q, k, v, g, beta))
             comp = time.time() - t0
@@ -110,16 +108,16 @@ def breakdown(B=8, T=4096):  # noqa: D401
     q, k, v, g, beta, do = inputs(B, T)
     K = q.shape[-1]
     scale = K ** -0.5
-    h0 = jnp.zeros((B, HV, K, DV), jnp.float32)
+    h0 = jnp.zeros((B, HV, K, K), jnp.float32)
     res = {}
     gp = jax.jit(lambda g, beta: pg._gate_prep(g, beta, None, B, T, HV, 0))
-    gc, bt, run, cin, tail, gam, gci, kdec = gp(g, beta)
+    gc, bt, run, gam, gci, kdec = gp(g, beta)
     res["gate_prep_xla"] = bench(gp, g, beta)
     prep = jax.jit(lambda *a: pg._prep(*a, scale=scale, l2norm=True))
-    res["prep"] = bench(prep, q, k, v, gc, bt, run, cin)
+    res["prep"] = bench(prep, q, k, v, gc, bt, run, gci)
     prep_m = jax.jit(lambda *a: pg._prep(*a, scale=scale, l2norm=True, store_m=True))
-    nw, u, att, qn, kn, m = prep_m(q, k, v, gc, bt, run, cin)
-    res["prep_store_m"] = bench(prep_m, q, k, v, gc, bt, run, cin)
+    nw, u, att, qn, kn, m = prep_m(q, k, v, gc, bt, run, gci)
+    res["prep_store_m"] = bench(prep_m, q, k, v, gc, bt, run, gci)
     st = jax.jit(lambda *a: pg._state(*a, T=T, out_dtype=v.dtype))
     res["state"] = bench(st, nw, u, att, qn, kn, gci, kdec, gam, h0)
     sth = jax.jit(lambda *a: pg._state(*a, T=T, out_dtype=v.dtype, store_h=True))
@@ -129,7 +127,7 @@ def breakdown(B=8, T=4096):  # noqa: D401
     dsp, dh0 = sb(do, nw, att, qn, kn, gci, kdec, gam, h0)
     res["state_bwd"] = bench(sb, do, nw, att, qn, kn, gci, kdec, gam, h0)
     cb = jax.jit(lambda *a: pg._chunk_bwd(*a, scale=scale, l2norm=True))
-    res["chunk_bwd"] = bench(cb, q, k, v, do, gc, bt, run, cin, tail, hc, dsp, vn, m)
+    res["chunk_bwd"] = bench(cb, q, k, v, do, gc, bt, run, gci, kdec, hc, dsp, vn, m)
     print(f"breakdown B={B} T={T}: " + ", ".join(f"{k_}={v_:.3f}" for k_, v_ in res.items()), flush=True)
     return res
 

@@ -207,7 +207,7 @@ def _kernel(body, *, name, out_type, scratch, grid, grid_names):
 # --------------------------------------------------------------------------------------------------------------------
 # prep kernel: per chunk, fully parallel
 
-def _prep(q, k, v, gc, beta, run, cin, *, scale, l2norm, store_m=False):
+def _prep(q, k, v, gc, beta, run, gci, *, scale, l2norm, store_m=False):
     """-w, u, P [B, HV, Tp, *], the normalised qn (scale included), kn [B, H, Tp, K] (bf16, once per key head: the
     state kernels apply the value heads' decays to their products, which halves these bytes under GVA) and, with
     store_m, M = (I + A)^-1 [B, HV, Tp, C] for the backward."""
@@ -217,17 +217,17 @@ def _prep(q, k, v, gc, beta, run, cin, *, scale, l2norm, store_m=False):
     NC = Tp // C
     dt = q.dtype
 
-    def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, cin_ref,
+    def body(q_ref, k_ref, v_ref, gc_ref, beta_ref, run_ref, gci_ref,
              w_ref, u_ref, a_ref, qn_ref, kn_ref, *rest):
         if store_m:
             m_ref, *rest = rest
-        (q_s, k_s, v_s, bk_s, p_s, g_r, g_c, b_r, run_r, run_c, cin_r, bar, v_bar) = rest
+        (q_s, k_s, v_s, bk_s, p_s, g_r, g_c, b_r, gci_r, run_r, run_c, bar, v_bar) = rest
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
         rows = pl.ds(c * C, C)
-        _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (beta_ref, b_r)),
-                    ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r)), bar,
+        _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (beta_ref, b_r), (gci_ref, gci_r)),
+                    ((run_ref, run_r), (run_ref, run_c)), bar,
                     b=b, h=lax.div(hv, r), hv=hv, rows=rows)
         plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, v_bar)   # first needed after the inverse
         plgpu.barrier_wait(bar)
@@ -257,9 +257,8 @@ def _prep(q, k, v, gc, beta, run, cin, *, scale, l2norm, store_m=False):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(p_s, m_ref.at[b, hv, rows])
 
-        ci = plgpu.load(cin_r, layout=ROWS)
         knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
-        bk_s[...] = (knf * _rows(bi * jnp.exp2(gi) * ci, (C, K))).astype(dt)
+        bk_s[...] = (knf * _rows(bi * plgpu.load(gci_r, layout=ROWS), (C, K))).astype(dt)
         plgpu.barrier_wait(v_bar)
         vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
         v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
@@ -285,7 +284,7 @@ def _prep(q, k, v, gc, beta, run, cin, *, scale, l2norm, store_m=False):
         out_type.append(jax.ShapeDtypeStruct((B, HV, Tp, C), dt))
     f = _kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
                 grid_names=("b", "h", "c"))
-    return f(q, k, v, gc, beta, run, cin)
+    return f(q, k, v, gc, beta, run, gci)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -460,7 +459,7 @@ def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64):
     return f(do, nw, att, qn, kn, gci, kdec, gam, dht)
 
 
-def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, l2norm):
+def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, l2norm):
     """Chunk-local gradients, one CTA per (b, hv, chunk), given the state entering the chunk (hc), the gradient of
     the state leaving it (dsp), v_new (vn) and the forward's M = (I + A)^-1 (m: its serial inverse is the costliest
     part to recompute). Recomputes the normalised q/k, A and P and returns
@@ -472,18 +471,19 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
     NC = Tp // C
     dt = q.dtype
 
-    def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, cin_ref, tail_ref, h_ref, dsp_ref, vn_ref, m_ref,
+    def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, gci_ref, kdec_ref, h_ref, dsp_ref, vn_ref, m_ref,
              dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
              q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
-             g_r, g_c, g_x, b_r, run_r, run_c, cin_r, tail_r, o_r, o_c, o_r2, o_r3, o_k, bar, bar_b, bar_y, bar_c):
+             g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, o_r, o_c, o_r2, o_r3, o_k, bar, bar_b, bar_y, bar_c):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
         rows = pl.ds(c * C, C)
         # One CTA fills an SM (SMEM), so nothing else hides its loads: they are issued in the order the phases need
         # them, each group on its own barrier, and the first phases run while the later operands arrive.
-        _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (gc_ref, g_x), (beta_ref, b_r)),
-                    ((run_ref, run_r), (run_ref, run_c), (cin_ref, cin_r), (tail_ref, tail_r)), bar,
+        _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (beta_ref, b_r), (gci_ref, gci_r),
+                                             (kdec_ref, kdec_r)),
+                    ((run_ref, run_r), (run_ref, run_c)), bar,
                     b=b, h=lax.div(hv, r), hv=hv, rows=rows)
         plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv], do_s, bar_b)
         plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar_b)
@@ -501,13 +501,9 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
         bi = plgpu.load(b_r, layout=ROWS)
         ri = plgpu.load(run_r, layout=ROWS)
         rj = plgpu.load(run_c, layout=COLS)
-        ci = plgpu.load(cin_r, layout=ROWS)
-        ti = plgpu.load(tail_r, layout=ROWS)
-        g_last = g_x[C - 1]
-        gam_i = jnp.exp2(gi)
-        gci = gam_i * ci                      # qd = qn * gci
-        bgci = bi * gci                       # Xk = kn * bgci
-        kdec = jnp.exp2(g_last - gi) * ti     # kd = kn * kdec
+        gci = plgpu.load(gci_r, layout=ROWS)      # qd = qn * gci
+        kdec = plgpu.load(kdec_r, layout=ROWS)    # kd = kn * kdec
+        bgci = bi * gci                           # Xk = kn * bgci
 
         # phase A: P, KKD (-> SMEM)
         qk, kk = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None)])
@@ -618,15 +614,15 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m, *, scale, 
                _smem((K, V), dt), _smem((K, V), dt),
                _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt),
                _smem((C, V), dt), _smem((C, V), dt),
-               vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
-               plgpu.Barrier(num_arrivals=10), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2),
+               vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
+               plgpu.Barrier(num_arrivals=9), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2),
                plgpu.Barrier(num_arrivals=2)]
     vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, K), dt), jax.ShapeDtypeStruct((B, Tp, HV, K), dt),
                 jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
     f = _kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
                 grid_names=("b", "h", "c"))
-    return f(q, k, v, do, gc, beta, run, cin, tail, hc, dsp, vn, m)
+    return f(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -641,8 +637,8 @@ def _runs(segment_ids, B, T):
 
 
 def _gate_prep(g, beta, segment_ids, B, T, HV, pad):
-    """Head-major fp32 gate vectors: gc (chunk-local cumsum of g in log2 units), beta, run/cin/tail, gam, and the
-    row scales of the state kernels, gci = 2^G cin (qd = qn gci) and kdec = 2^(G_last - G) tail (kd = kn kdec)."""
+    """Head-major fp32 gate vectors: gc (chunk-local cumsum of g in log2 units), beta, run, gam, and the row scales
+    gci = 2^G cin (qd = qn gci, Xk = kn beta gci) and kdec = 2^(G_last - G) tail (kd = kn kdec)."""
     Tp = T + pad
     NC = Tp // C
     gf = jnp.pad(g.astype(F32), ((0, 0), (0, pad), (0, 0)))
@@ -660,8 +656,8 @@ def _gate_prep(g, beta, segment_ids, B, T, HV, pad):
         return x.reshape(B, Tp, HV).transpose(0, 2, 1)
 
     gam = jnp.broadcast_to(gam.transpose(0, 2, 1)[..., None], (B, HV, NC, GAMW))   # 128-byte rows: TMA alignment
-    return (head_major(gc), bf.transpose(0, 2, 1), runs.reshape(B, Tp).astype(F32), cin.reshape(B, Tp),
-            tail.reshape(B, Tp), gam, head_major(gci), head_major(kdec))
+    return (head_major(gc), bf.transpose(0, 2, 1), runs.reshape(B, Tp).astype(F32), gam, head_major(gci),
+            head_major(kdec))
 
 
 def _pad_t(x, pad):
@@ -676,9 +672,9 @@ def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, training=F
     HV = v.shape[2]
     pad = (-T) % C
     gates = _gate_prep(g, beta, segment_ids, B, T, HV, pad)
-    gc, bt, run, cin, tail, gam, gci, kdec = gates
+    gc, bt, run, gam, gci, kdec = gates
     padded = tuple(_pad_t(x, pad) for x in (q, k, v))
-    prepped = _prep(*padded, gc, bt, run, cin, scale=scale, l2norm=use_qk_l2norm, store_m=training)
+    prepped = _prep(*padded, gc, bt, run, gci, scale=scale, l2norm=use_qk_l2norm, store_m=training)
     nw, u, att, qn, kn = prepped[:5]
     outs = _state(nw, u, att, qn, kn, gci, kdec, gam, h0, T=T, out_dtype=v.dtype, store_h=training)
     o, ht = outs[0][:, :T], outs[1]
@@ -705,14 +701,14 @@ def _bwd(use_qk_l2norm, scale, res, cts):
     """Reverse state pass (Mosaic kernel) for the gradient of the state leaving every chunk, then the chunk-local
     gradients of every chunk at once (Mosaic kernel); XLA only sums GVA groups and the gate pieces."""
     g, beta, segment_ids, (qp, kp, vp), gates, prepped, hc, vn = res
-    gc, bt, run, cin, tail, gam, gci, kdec = gates
+    gc, bt, run, gam, gci, kdec = gates
     nw, u, att, qn, kn, m = prepped
     do, dht = cts
     Tp, H = qp.shape[1], qp.shape[2]
     T = do.shape[1]
     do_p = _pad_t(do.astype(vp.dtype), Tp - T)
     dsp, dh0 = _state_bwd(do_p, nw, att, qn, kn, gci, kdec, gam, dht.astype(F32))
-    pieces = _chunk_bwd(qp, kp, vp, do_p, gc, bt, run, cin, tail, hc, dsp, vn, m, scale=scale, l2norm=use_qk_l2norm)
+    pieces = _chunk_bwd(qp, kp, vp, do_p, gc, bt, run, gci, kdec, hc, dsp, vn, m, scale=scale, l2norm=use_qk_l2norm)
     dq, dk, dv, dg, db = _assemble_grads(*pieces, gam, T=T, H=H)
     dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
     return dq, dk, dv, dg.astype(g.dtype), db.astype(beta.dtype), dh0, dseg
