@@ -5,7 +5,13 @@ Shapes are the ANCHORS ones (16 key heads, 32 value heads, dk = dv = 128, bf16):
 --head-dim sets dk = dv (the ANCHORS figures are at 128).
 Timing: median over 5 repetitions of the mean wall time of 20 back-to-back calls after a warm-up, synchronised at the
 end (the same method as shared/anchors/gpu_anchors.py's jax_bench, so figures are comparable side by side).
-Writes <out>/gdn_bench.json.
+`--impls jla` runs jax-linear-attention's Mosaic GPU op (the anchor) in the same process.
+
+Forward + backward is timed two ways. `fwdbwd_ms` returns the output with the gradients, as training consumes it.
+`grads_only_ms` returns only the gradients, as shared/anchors/gpu_anchors.py does: there XLA drops any kernel whose
+results only the output needs. jla's backward recomputes what it needs from its inputs, so its forward kernel is dead
+code under that protocol (benchmarks/kernel_profile.py shows it missing); ours keeps the forward's states for the
+backward, so it always runs. Writes <out>/gdn_bench.json.
 """
 import argparse
 import json
@@ -46,6 +52,10 @@ def bench(fn, *args, n=20, reps=5):
 
 
 def get_impl(name):
+    if name == "jla":
+        from jla import ops
+        return lambda q, k, v, g, beta: ops.linear_attention("gated_deltanet", q, k, v, g=g, beta=beta,
+                                                             use_qk_l2norm=True, impl="mosaic_gpu")[0]
     if name == "pallas_gpu":
         from kernels_pallas.gdn import pallas_gpu
         return lambda q, k, v, g, beta: pallas_gpu.gated_delta_rule(q, k, v, g, beta)[0]
@@ -78,8 +88,12 @@ def main():
 
         @jax.jit
         def fwdbwd(q, k, v, g, beta, do):
-            _, vjp = jax.vjp(f, q, k, v, g, beta)
-            return vjp(do)
+            o, vjp = jax.vjp(f, q, k, v, g, beta)
+            return o, vjp(do)
+
+        @jax.jit
+        def grads_only(q, k, v, g, beta, do):
+            return jax.vjp(f, q, k, v, g, beta)[1](do)
 
         for B, T in shapes:
             q, k, v, g, beta, do = inputs(B, T, a.head_dim)
@@ -91,7 +105,8 @@ def main():
             if not a.fwd_only:
                 try:
                     ms_fb = bench(fwdbwd, q, k, v, g, beta, do)
-                    rec.update(fwdbwd_ms=ms_fb, Mtok_s_fwdbwd=B * T / ms_fb / 1e3)
+                    rec.update(fwdbwd_ms=ms_fb, Mtok_s_fwdbwd=B * T / ms_fb / 1e3,
+                               grads_only_ms=bench(grads_only, q, k, v, g, beta, do))
                 except Exception as e:  # keep the forward figures
                     rec["fwdbwd_error"] = repr(e)[:400]
             res[f"{name}_B{B}_T{T}"] = rec

@@ -118,6 +118,7 @@ CASES = [
     (1, 200, 1, 2, 256, 256, 3, True),     # head dim 256: K = 256 kernels, value heads run as 64-wide slices
     (1, 130, 2, 2, 128, 256, 0, True),     # V = 256 as two 128-wide slices
     (1, 96, 1, 2, 256, 128, 2, False),
+    (1, 160, 1, 3, 128, 128, 2, True),     # GVA 3: dq, dk per value head, summed by XLA (the others add in-kernel)
 ]
 
 

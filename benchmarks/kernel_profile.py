@@ -1,0 +1,83 @@
+"""Per-kernel device times of one Gated DeltaNet forward + backward, from a JAX profiler trace.
+
+Usage (on a GPU):  python3 benchmarks/kernel_profile.py [--impls pallas_gpu,jla] [--shapes 8x4096,1x65536] [--out DIR]
+Runs each implementation's jitted forward + backward a few times under `jax.profiler.trace`, reads the Perfetto
+trace it writes, and prints the mean device time per call of every kernel and XLA fusion on the GPU's streams,
+largest first. `jla` is jax-linear-attention's Mosaic GPU op (the anchor; its wheel must be installed). Wall-clock
+comparisons belong to benchmarks/gdn.py; this says where the time goes. The output is returned with the
+gradients, so no forward kernel is dead code (see gdn.py). Writes <out>/kernel_profile.json.
+"""
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+
+from benchmarks.gdn import get_impl, inputs
+
+
+def device_times(trace_dir, calls):
+    """{kernel name: mean microseconds per call} over the device streams of the Perfetto trace in trace_dir."""
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    pids = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    gpu = {p for p, n in pids.items() if "GPU" in n or "gpu" in n}
+    # A device's rows are its CUDA streams plus summary rows ("XLA Modules", "XLA Ops") that repeat the same time.
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
+    streams = {t for t, n in threads.items() if n.lower().startswith("stream")}
+    if not streams:
+        raise RuntimeError(f"no CUDA stream rows in the trace: {sorted(set(threads.values()))}")
+    total = collections.defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e:
+            total[e["name"]] += float(e["dur"])
+    return dict(sorted(((n, t / calls) for n, t in total.items()), key=lambda x: -x[1]))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impls", default="pallas_gpu,jla")
+    ap.add_argument("--shapes", default="8x4096,1x65536")
+    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
+    a = ap.parse_args()
+    res = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "command": " ".join(sys.argv)}
+    for shape in a.shapes.split(","):
+        B, T = map(int, shape.split("x"))
+        q, k, v, g, beta, do = inputs(B, T)
+        for name in a.impls.split(","):
+            f = get_impl(name)
+
+            @jax.jit
+            def fwdbwd(q, k, v, g, beta, do):   # the output is returned, as training consumes it
+                o, vjp = jax.vjp(f, q, k, v, g, beta)
+                return o, vjp(do)
+
+            jax.block_until_ready(fwdbwd(q, k, v, g, beta, do))
+            with tempfile.TemporaryDirectory() as d:
+                with jax.profiler.trace(d, create_perfetto_trace=True):
+                    for _ in range(a.calls):
+                        out = fwdbwd(q, k, v, g, beta, do)
+                    jax.block_until_ready(out)
+                times = device_times(d, a.calls)
+            key = f"{name}_B{B}_T{T}"
+            res[key] = {"total_us": sum(times.values()), "kernels_us": times}
+            print(f"{key}: device total {sum(times.values()) / 1e3:.3f} ms per call", flush=True)
+            for n, t in list(times.items())[:25]:
+                print(f"  {t / 1e3:8.3f} ms  {n[:110]}", flush=True)
+            with open(os.path.join(a.out, "kernel_profile.json"), "w") as fh:
+                json.dump(res, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
