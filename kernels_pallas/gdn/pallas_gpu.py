@@ -494,14 +494,12 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref, *refs = refs
         if not add_heads:
             dq_ref, dk_ref, *refs = refs
-        (q_s, k_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, late,
+        (q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
          g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, o_r, o_c, o_r2, o_r3, o_k, bar, bar_b, bar_y, bar_c) = refs
-        (v_s, dvn_s, y_s), (dk_s,) = late      # dk takes the SMEM of v, dv_new and Y once they are spent
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
         rows = pl.ds(c * C, C)
-        kn32 = lambda: plgpu.load(k_s, layout=WGMMA).astype(F32)   # reloaded at each use: registers, not SMEM, bind
         # One CTA fills an SM (SMEM), so nothing else hides its loads: they are issued in the order the phases need
         # them, each group on its own barrier, and the first phases run while the later operands arrive.
         _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (beta_ref, b_r), (gci_ref, gci_r),
@@ -570,14 +568,15 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, dv_ref.at[b, rows, hv])
         ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))
-        t = jnp.sum(kn32() * ndxk, axis=1)
+        knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
+        t = jnp.sum(knf * ndxk, axis=1)
         db = db - t * gci
         dg_row = dg_row - t * bgci
         dkn = ndxk * _rows(bgci * -1.0, (C, K))
 
         # phase D: dkd = v_new dS'^T
         dkd = _mm([(vn_s, ds_s.T)], (C, K))
-        rkd = jnp.sum(kn32() * dkd, axis=1) * kdec
+        rkd = jnp.sum(knf * dkd, axis=1) * kdec
         dg_row = dg_row - rkd
         dkn = dkn + dkd * _rows(kdec, (C, K))
 
@@ -587,28 +586,31 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         ep = dp * plgpu.load(p_s, layout=WGMMA).astype(F32)
         dg_row = dg_row + jnp.sum(ep, axis=1)
         dg_col = dg_col - jnp.sum(ep, axis=0)
+        dpd16 = jnp.where(incl, dp * _decay(incl, gi, gj), 0.0).astype(dt)
         dpd_s = p_s                                          # P is no longer needed
-        dpd_s[...] = jnp.where(incl, dp * _decay(incl, gi, gj), 0.0).astype(dt)
+        dpd_s[...] = dpd16
         plgpu.commit_smem()
 
         # phase F: dkn += (dKK + dKK^T) kn + dPD^T qn; L2-norm backward of k
         dkn = _mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K), init=dkn)
         if l2norm:
-            dkn = (dkn - kn32() * _rows(jnp.sum(kn32() * dkn, axis=1), (C, K))) * _rows(rk, (C, K))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)      # dv has left y_s
-        dk_s[...] = dkn.astype(dt)                            # not live through phase G
+            dk = (dkn - knf * _rows(jnp.sum(knf * dkn, axis=1), (C, K))) * _rows(rk, (C, K))
+        else:
+            dk = dkn
 
         # phase G: dqd = do S^T; dqn = dPD kn + gci dqd; L2-norm backward of q
         dqd = _mm([(do_s, s_s.T)], (C, K))
-        dg_row = dg_row + jnp.sum(plgpu.load(q_s, layout=WGMMA).astype(F32) * dqd, axis=1) * gci
-        dqn = _mm([(dpd_s, k_s)], (C, K), init=dqd * _rows(gci, (C, K)))
+        qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
+        dg_row = dg_row + jnp.sum(qnf * dqd, axis=1) * gci
+        dqn = _mm([(dpd16, k_s)], (C, K), init=dqd * _rows(gci, (C, K)))
         if l2norm:
-            yq = plgpu.load(q_s, layout=WGMMA).astype(F32) * (1.0 / scale)
+            yq = qnf * (1.0 / scale)
             dyq = dqn * scale
             dq = (dyq - yq * _rows(jnp.sum(yq * dyq, axis=1), (C, K))) * _rows(rq, (C, K))
         else:
             dq = dqn * scale
         q_s[...] = dq.astype(dt)
+        k_s[...] = dk.astype(dt)
         for half in range(K // 64):
             sl = pl.ds(half * 64, 64)
             sf = plgpu.load(s_s.at[sl], layout=WGMMA).astype(F32)
@@ -621,10 +623,10 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         plgpu.commit_smem()
         if add_heads:
             _add_to_gmem(q_s, dq_ref.at[b, rows, lax.div(hv, r)])
-            _add_to_gmem(dk_s, dk_ref.at[b, rows, lax.div(hv, r)])
+            _add_to_gmem(k_s, dk_ref.at[b, rows, lax.div(hv, r)])
         else:
             plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, rows, hv])
-            plgpu.copy_smem_to_gmem(dk_s, dk_ref.at[b, rows, hv])
+            plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, rows, hv])
         plgpu.copy_smem_to_gmem(o_r, db_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(o_r2, dgr_ref.at[b, hv, rows])
         plgpu.copy_smem_to_gmem(o_c, dgc_ref.at[b, hv, rows])
@@ -633,10 +635,10 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         plgpu.wait_smem_to_gmem(0)
 
     vec = plgpu.SMEM((C,), F32)
-    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, V), dt),
+    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, V), dt), _smem((C, V), dt),
                _smem((K, V), dt), _smem((K, V), dt),
                _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt),
-               plgpu.RefUnion([_smem((C, V), dt)] * 3, [_smem((C, K), dt)]),
+               _smem((C, V), dt), _smem((C, V), dt),
                vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
                plgpu.Barrier(num_arrivals=9), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2),
                plgpu.Barrier(num_arrivals=2)]
