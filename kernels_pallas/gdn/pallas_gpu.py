@@ -208,6 +208,8 @@ def _decay(mask, gi, gj):
 
 
 def _kernel(body, *, name, out_type, scratch, grid, grid_names):
+    """The last grid axis is CUDA's x, launched fastest: the per-chunk kernels put the value heads there, so the
+    heads sharing a key head run side by side and read its q, k (and add their dq, dk) through L2 once."""
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
                         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=_INTERPRET,
                         kernel_name=name)
@@ -291,8 +293,8 @@ def _prep(q, k, v, gc, beta, run, gci, *, scale, l2norm, store_m=False):
                 jax.ShapeDtypeStruct((B, H, Tp, K), dt)]
     if store_m:
         out_type.append(jax.ShapeDtypeStruct((B, HV, Tp, C), dt))
-    f = _kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
-                grid_names=("b", "h", "c"))
+    f = _kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
+                grid_names=("b", "c", "h"))
     return f(q, k, v, gc, beta, run, gci)
 
 
@@ -644,8 +646,8 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
                plgpu.Barrier(num_arrivals=2)]
     vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
-    f = _kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NC),
-                grid_names=("b", "h", "c"))
+    f = _kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
+                grid_names=("b", "c", "h"))
     args = (q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m)
     if not add_heads:
         out_type += [jax.ShapeDtypeStruct((B, Tp, HV, K), dt)] * 2
