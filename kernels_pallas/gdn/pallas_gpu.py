@@ -20,7 +20,8 @@ Layout of the computation (chunk C = 64 tokens, per batch b and value head hv):
 Backward (``jax.custom_vjp``): the forward also stores M, the state entering every chunk and v_new, and keeps the
 prep outputs; ``_state_bwd`` (reverse sequential) gives the gradient of the state leaving every chunk and of the
 initial state; ``_chunk_bwd`` (parallel per chunk) recomputes A and P, loads M, and gives dq, dk, dv, dbeta and
-the gate-gradient pieces; XLA sums GVA groups and takes the reverse cumsum for dg. Measurements:
+the gate-gradient pieces, with dq, dk summed over the value heads of a key head by TMA adds in GMEM (at most two
+heads; XLA sums more); XLA takes the reverse cumsum for dg. Measurements:
 benchmarks/RESULTS.md and benchmarks/notes_gdn_gpu.md.
 """
 from __future__ import annotations
@@ -479,9 +480,10 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
 
     dq, dk sum over the value heads of a key head. With at most two of them the CTAs add their tiles into
     zeroed GMEM with the TMA's reduction (bf16): 0 + a + b rounds once, to the same value whichever head arrives
-    first, so the sum is deterministic and equal to rounding a + b; this spares XLA a pass over per-value-head
-    copies (0.26 ms of 4.1 at 8 x 4096). With more, the order would change the rounding from run to run, so the
-    tiles are stored per value head ([B, Tp, HV, K]) and _assemble_grads sums them."""
+    first, so the sum is deterministic and equal to rounding a + b. It replaces XLA's pass over per-value-head
+    copies (0.26 ms at 8 x 4096 on an H100) by a zeroing pass (0.08 ms). With more heads the order would change
+    the rounding from run to run, so the tiles are stored per value head ([B, Tp, HV, K]) and _assemble_grads
+    sums them."""
     B, Tp, H, K = q.shape
     HV, V = v.shape[2], v.shape[3]
     r = HV // H
@@ -732,7 +734,8 @@ def _gdn_fwd(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale):
 
 def _bwd(use_qk_l2norm, scale, res, cts):
     """Reverse state pass (Mosaic kernel) for the gradient of the state leaving every chunk, then the chunk-local
-    gradients of every chunk at once (Mosaic kernel); XLA only sums GVA groups and the gate pieces."""
+    gradients of every chunk at once (Mosaic kernel); XLA only assembles dg from the gate pieces (and sums dq, dk
+    over value heads beyond two per key head)."""
     g, beta, segment_ids, (qp, kp, vp), gates, prepped, hc, vn = res
     gc, bt, run, gam, gci, kdec = gates
     nw, u, att, qn, kn, m = prepped
