@@ -1,6 +1,7 @@
 """Per-kernel device times of one Gated DeltaNet forward + backward, from a JAX profiler trace.
 
 Usage (on a GPU):  python3 benchmarks/kernel_profile.py [--impls pallas_gpu,jla] [--shapes 8x4096,1x65536] [--out DIR]
+                   python3 benchmarks/kernel_profile.py --mixer bench-1p3b --shapes 8x2048
 Runs each implementation's jitted forward + backward a few times under `jax.profiler.trace`, reads the Perfetto
 trace it writes, and prints the mean device time per call of every kernel and XLA fusion on the GPU's streams,
 largest first. `jla` is jax-linear-attention's Mosaic GPU op (the anchor; its wheel must be installed). Wall-clock
@@ -44,32 +45,65 @@ def device_times(trace_dir, calls):
     return dict(sorted(((n, t / calls) for n, t in total.items()), key=lambda x: -x[1]))
 
 
+def profile(step, args, calls):
+    """{kernel: mean us per call} of the jitted step(*args), after a warm-up call."""
+    jax.block_until_ready(step(*args))
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                out = step(*args)
+            jax.block_until_ready(out)
+        return device_times(d, calls)
+
+
+def op_step(name, B, T):
+    """The bare op's forward + backward; the output is returned, as training consumes it."""
+    f = get_impl(name)
+
+    @jax.jit
+    def fwdbwd(q, k, v, g, beta, do):
+        o, vjp = jax.vjp(f, q, k, v, g, beta)
+        return o, vjp(do)
+
+    return fwdbwd, inputs(B, T)
+
+
+def mixer_step(preset, B, T):
+    """Forward + backward of the model's whole Gated DeltaNet mixer (projections, causal conv, gates, the op with
+    impl="auto", gated norm, output projection) in bf16 with fp32 parameters, as a training step runs it."""
+    from flax import nnx
+    import jax.numpy as jnp
+    from qwen3next_jax import Qwen3NextConfig
+    from qwen3next_jax.gated_deltanet import GatedDeltaNet
+    cfg = Qwen3NextConfig.preset(preset)
+    graphdef, params = nnx.split(GatedDeltaNet(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32))
+    seg = jnp.ones((B, T), jnp.int32)
+    x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
+
+    @jax.jit
+    def step(params, x):
+        def loss(params, x):
+            return jnp.sum(nnx.merge(graphdef, params)(x, seg).astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1))(params, x)
+
+    return step, (params, x)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--impls", default="pallas_gpu,jla")
     ap.add_argument("--shapes", default="8x4096,1x65536")
+    ap.add_argument("--mixer", default="", help="a config preset: profile its whole Gated DeltaNet mixer instead")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
     res = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "command": " ".join(sys.argv)}
     for shape in a.shapes.split(","):
         B, T = map(int, shape.split("x"))
-        q, k, v, g, beta, do = inputs(B, T)
-        for name in a.impls.split(","):
-            f = get_impl(name)
-
-            @jax.jit
-            def fwdbwd(q, k, v, g, beta, do):   # the output is returned, as training consumes it
-                o, vjp = jax.vjp(f, q, k, v, g, beta)
-                return o, vjp(do)
-
-            jax.block_until_ready(fwdbwd(q, k, v, g, beta, do))
-            with tempfile.TemporaryDirectory() as d:
-                with jax.profiler.trace(d, create_perfetto_trace=True):
-                    for _ in range(a.calls):
-                        out = fwdbwd(q, k, v, g, beta, do)
-                    jax.block_until_ready(out)
-                times = device_times(d, a.calls)
+        runs = [(f"mixer_{a.mixer}", lambda: mixer_step(a.mixer, B, T))] if a.mixer else \
+            [(name, lambda name=name: op_step(name, B, T)) for name in a.impls.split(",")]
+        for name, make in runs:
+            times = profile(*make(), a.calls)
             key = f"{name}_B{B}_T{T}"
             res[key] = {"total_us": sum(times.values()), "kernels_us": times}
             print(f"{key}: device total {sum(times.values()) / 1e3:.3f} ms per call", flush=True)
