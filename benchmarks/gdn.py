@@ -65,6 +65,16 @@ def get_impl(name):
     raise ValueError(name)
 
 
+def fwd_bwd(f, *, with_output=True):
+    """jit of f's forward + backward at (q, k, v, g, beta, do); with_output also returns the output, as training
+    consumes it (without it, XLA drops kernels only the output needs: see the module docstring)."""
+    @jax.jit
+    def step(q, k, v, g, beta, do):
+        o, vjp = jax.vjp(f, q, k, v, g, beta)
+        return (o, vjp(do)) if with_output else vjp(do)
+    return step
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", action="store_true")
@@ -86,14 +96,7 @@ def main():
         f = get_impl(name)
         fwd = jax.jit(f)
 
-        @jax.jit
-        def fwdbwd(q, k, v, g, beta, do):
-            o, vjp = jax.vjp(f, q, k, v, g, beta)
-            return o, vjp(do)
-
-        @jax.jit
-        def grads_only(q, k, v, g, beta, do):
-            return jax.vjp(f, q, k, v, g, beta)[1](do)
+        fwdbwd, grads_only = fwd_bwd(f), fwd_bwd(f, with_output=False)
 
         for B, T in shapes:
             q, k, v, g, beta, do = inputs(B, T, a.head_dim)

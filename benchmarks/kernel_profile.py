@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 
-from benchmarks.gdn import get_impl, inputs
+from benchmarks.gdn import fwd_bwd, get_impl, inputs
 
 
 def device_times(trace_dir, calls):
@@ -56,37 +56,18 @@ def profile(step, args, calls):
         return device_times(d, calls)
 
 
-def op_step(name, B, T):
-    """The bare op's forward + backward; the output is returned, as training consumes it."""
-    f = get_impl(name)
-
-    @jax.jit
-    def fwdbwd(q, k, v, g, beta, do):
-        o, vjp = jax.vjp(f, q, k, v, g, beta)
-        return o, vjp(do)
-
-    return fwdbwd, inputs(B, T)
-
-
 def mixer_step(preset, B, T):
     """Forward + backward of the model's whole Gated DeltaNet mixer (projections, causal conv, gates, the op with
     impl="auto", gated norm, output projection) in bf16 with fp32 parameters, as a training step runs it."""
     from flax import nnx
     import jax.numpy as jnp
+    from benchmarks.layer_breakdown import module_step
     from qwen3next_jax import Qwen3NextConfig
     from qwen3next_jax.gated_deltanet import GatedDeltaNet
     cfg = Qwen3NextConfig.preset(preset)
-    graphdef, params = nnx.split(GatedDeltaNet(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32))
-    seg = jnp.ones((B, T), jnp.int32)
+    module = GatedDeltaNet(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
-
-    @jax.jit
-    def step(params, x):
-        def loss(params, x):
-            return jnp.sum(nnx.merge(graphdef, params)(x, seg).astype(jnp.float32))
-        return jax.grad(loss, argnums=(0, 1))(params, x)
-
-    return step, (params, x)
+    return module_step(module, x, jnp.ones((B, T), jnp.int32))
 
 
 def main():
@@ -101,7 +82,7 @@ def main():
     for shape in a.shapes.split(","):
         B, T = map(int, shape.split("x"))
         runs = [(f"mixer_{a.mixer}", lambda: mixer_step(a.mixer, B, T))] if a.mixer else \
-            [(name, lambda name=name: op_step(name, B, T)) for name in a.impls.split(",")]
+            [(name, lambda name=name: (fwd_bwd(get_impl(name)), inputs(B, T))) for name in a.impls.split(",")]
         for name, make in runs:
             times = profile(*make(), a.calls)
             key = f"{name}_B{B}_T{T}"

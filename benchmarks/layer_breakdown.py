@@ -31,8 +31,8 @@ from qwen3next_jax.rope import rope_tables
 from train.losses import chunked_cross_entropy
 
 
-def time_fwd_bwd(module, *args):
-    """ms of forward + backward of sum(module(x, *args)) w.r.t. its parameters and x (the first argument)."""
+def module_step(module, x, *args):
+    """(jit of the gradient of sum(module(x, *args)) w.r.t. its parameters and x, its arguments (params, x))."""
     graphdef, params = nnx.split(module)
 
     @jax.jit
@@ -43,8 +43,14 @@ def time_fwd_bwd(module, *args):
             return jnp.sum(out.astype(jnp.float32))
         return jax.grad(f, argnums=(0, 1))(params, x)
 
+    return step, (params, x)
+
+
+def time_fwd_bwd(module, *args):
+    """ms of forward + backward of sum(module(x, *args)) w.r.t. its parameters and x (the first argument)."""
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
-    return bench(step, params, x, n=10, reps=3)
+    step, step_args = module_step(module, x, *args)
+    return bench(step, *step_args, n=10, reps=3)
 
 
 def main():

@@ -491,15 +491,11 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
     dt = q.dtype
     add_heads = r <= 2
 
+    # dq_ref, dk_ref are the last inputs (zeroed, added to) or the first outputs: the same place either way.
     def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, gci_ref, kdec_ref, h_ref, dsp_ref, vn_ref, m_ref,
-             *refs):
-        if add_heads:
-            dq_ref, dk_ref, *refs = refs
-        dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref, *refs = refs
-        if not add_heads:
-            dq_ref, dk_ref, *refs = refs
-        (q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
-         g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, o_r, o_c, o_r2, o_r3, o_k, bar, bar_b, bar_y, bar_c) = refs
+             dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
+             q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
+             g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, o_r, o_c, o_r2, o_r3, o_k, bar, bar_b, bar_y, bar_c):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
@@ -648,13 +644,13 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
                plgpu.Barrier(num_arrivals=2)]
     vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
+    if not add_heads:
+        out_type = [jax.ShapeDtypeStruct((B, Tp, HV, K), dt)] * 2 + out_type
     f = _kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
                 grid_names=("b", "c", "h"))
     args = (q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m)
     if not add_heads:
-        out_type += [jax.ShapeDtypeStruct((B, Tp, HV, K), dt)] * 2
-        *rest, dq, dk = f(*args)
-        return (dq, dk, *rest)
+        return f(*args)
     dq, dk = jax.new_ref(jnp.zeros((B, Tp, H, K), dt)), jax.new_ref(jnp.zeros((B, Tp, H, K), dt))
     rest = f(*args, dq, dk)
     return (dq[...], dk[...], *rest)
