@@ -200,7 +200,7 @@ def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, H, HV, K, V, correla
     with random keys and with correlated keys at weak decay (see test_correlated_keys_and_weak_decay), for GVA
     ratios 2, 1 and 3, and head dim 256 (value slices of 64)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    from kernels_pallas.gdn import pallas_gpu
-    monkeypatch.setattr(pallas_gpu, "_INTERPRET", plgpu.InterpretGPUParams())
+    from kernels_pallas import mgpu
+    monkeypatch.setattr(mgpu, "INTERPRET", plgpu.InterpretGPUParams())
     q, k, v, g, beta, h0, seg = make(1, 100, H, HV, K, V, n_docs=2, seed=4, correlated=correlated)
     check_against_recurrence(q, k, v, g, beta, h0, seg, tol=tol, grad_tol=grad_tol, seed=8, jit=False)

@@ -36,6 +36,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
+from kernels_pallas import mgpu
+from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, smem
+
 C = 64
 LOG2E = math.log2(math.e)
 F32 = jnp.float32
@@ -45,43 +48,21 @@ STATE_STAGES = 2  # TMA pipeline depth of the two sequential state kernels (1 at
 V_SLICE = {64: 128, 128: 128, 256: 64}  # widest value block each key head dim's kernels fit in SMEM
 GAMW = 32  # per-chunk state decay is stored in 128-byte rows (TMA destinations in SMEM must be 128-byte aligned)
 
-WGMMA = plgpu.Layout.WGMMA
-ROWS = plgpu.Layout.WGMMA.reduce(1)
-COLS = plgpu.Layout.WGMMA.reduce(0)
-
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
-
-_INTERPRET = None  # tests on CPU may set plgpu.InterpretGPUParams()
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # small helpers
 
-def _smem(shape, dtype):
-    """SMEM tile swizzled for TMA and WGMMA (minor dim = last dim)."""
-    dtype = jnp.dtype(dtype)
-    sw = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, sw // dtype.itemsize)),
-                                                plgpu.SwizzleTransform(sw)))
-
-
 def _iota(shape, dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
-
-
-def _rows(vec, shape):
-    return lax.broadcast_in_dim(vec, shape, [0])
-
-
-def _cols(vec, shape):
-    return lax.broadcast_in_dim(vec, shape, [1])
 
 
 def _mm(pairs, shape, init=None):
     """``init + sum(a @ b)`` on the tensor cores; waited, then passed through an optimization barrier so no
     arithmetic on the result is scheduled before the wgmma wait."""
-    if _INTERPRET is not None:  # the GPU interpreter lacks run_state(ACC.init) and register A operands
+    if mgpu.INTERPRET is not None:  # the GPU interpreter lacks run_state(ACC.init) and register A operands
         out = None
         for a, b in pairs:
             try:
@@ -106,7 +87,7 @@ def _mm(pairs, shape, init=None):
 
 def _mm_multi(groups):
     """Several independent accumulations ``[(pairs, shape, init_or_None), ...]`` issued together, waited once."""
-    if _INTERPRET is not None:
+    if mgpu.INTERPRET is not None:
         return tuple(_mm(p, sh, init=i) for p, sh, i in groups)
     inits = tuple(plgpu.ACC.init(i if i is not None else plgpu.layout_cast(jnp.zeros(sh, F32), WGMMA))
                   for _, sh, i in groups)
@@ -156,7 +137,7 @@ def _mm_scoped(pairs, shape):
 def _add_to_gmem(src, dst):
     """dst += src (a bf16 SMEM tile into GMEM) by the TMA's reduction; the GPU interpreter, which runs one CTA at a
     time and lacks TMA reductions, reads, adds and writes."""
-    if _INTERPRET is not None:
+    if mgpu.INTERPRET is not None:
         dst[...] = (dst[...].astype(F32) + src[...].astype(F32)).astype(dst.dtype)
     else:
         plgpu.copy_smem_to_gmem(src, dst, reduction_op="add")
@@ -182,13 +163,13 @@ def _normalise_qk(q_s, k_s, *, scale, l2norm, dt):
     qf = plgpu.load(q_s, layout=WGMMA).astype(F32)
     if l2norm:
         rq = lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS)
-        q_s[...] = (qf * _rows(rq * scale, (C, K))).astype(dt)
+        q_s[...] = (qf * bcast_rows(rq * scale, (C, K))).astype(dt)
     else:
         q_s[...] = (qf * scale).astype(dt)
     kf = plgpu.load(k_s, layout=WGMMA).astype(F32)
     if l2norm:
         rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
-        k_s[...] = (kf * _rows(rk, (C, K))).astype(dt)
+        k_s[...] = (kf * bcast_rows(rk, (C, K))).astype(dt)
     else:
         k_s[...] = kf.astype(dt)
     plgpu.commit_smem()
@@ -199,21 +180,13 @@ def _masks(ri, rj):
     """(row iota, column iota, strictly lower, lower incl. diagonal) of a [C, C] tile, both limited to pairs of one
     run (ri, rj: the run ids as rows / columns). Recomputed where needed rather than kept live (registers)."""
     ii, jj = _iota((C, C), 0), _iota((C, C), 1)
-    same = _rows(ri, (C, C)) == _cols(rj, (C, C))
+    same = bcast_rows(ri, (C, C)) == bcast_cols(rj, (C, C))
     return ii, jj, (ii > jj) & same, (ii >= jj) & same
 
 
 def _decay(mask, gi, gj):
     """2^(G_i - G_j) where mask holds, else 0."""
-    return jnp.exp2(jnp.where(mask, _rows(gi, (C, C)) - _cols(gj, (C, C)), -jnp.inf))
-
-
-def _kernel(body, *, name, out_type, scratch, grid, grid_names):
-    """The last grid axis is CUDA's x, launched fastest: the per-chunk kernels put the value heads there, so the
-    heads sharing a key head run side by side and read its q, k (and add their dq, dk) through L2 once."""
-    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
-                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=_INTERPRET,
-                        kernel_name=name)
+    return jnp.exp2(jnp.where(mask, bcast_rows(gi, (C, C)) - bcast_cols(gj, (C, C)), -jnp.inf))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -261,7 +234,7 @@ def _prep(q, k, v, gc, beta, run, gci, *, scale, l2norm, store_m=False):
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(p_s, a_ref.at[b, hv, rows])
         ii, jj, strict, incl = _masks(ri, rj)
-        a = kk * _decay(strict, gi, gj) * _rows(bi, (C, C))   # A = beta_i k_i.k_j 2^(G_i - G_j), strict, same run
+        a = kk * _decay(strict, gi, gj) * bcast_rows(bi, (C, C))   # A = beta_i k_i.k_j 2^(G_i - G_j), strict, same run
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)   # P (and qn, kn) left p_s
         x = _inverse(a, p_s, dt)
         if store_m:
@@ -270,10 +243,10 @@ def _prep(q, k, v, gc, beta, run, gci, *, scale, l2norm, store_m=False):
             plgpu.copy_smem_to_gmem(p_s, m_ref.at[b, hv, rows])
 
         knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
-        bk_s[...] = (knf * _rows(bi * plgpu.load(gci_r, layout=ROWS), (C, K))).astype(dt)
+        bk_s[...] = (knf * bcast_rows(bi * plgpu.load(gci_r, layout=ROWS), (C, K))).astype(dt)
         plgpu.barrier_wait(v_bar)
         vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
-        v_s[...] = (vf * _rows(bi, (C, V))).astype(dt)
+        v_s[...] = (vf * bcast_rows(bi, (C, V))).astype(dt)
         plgpu.commit_smem()
         # -w (the state kernels only accumulate) and u, issued together
         w, u = _mm_multi([([((x * -1.0).astype(dt), bk_s)], (C, K), None), ([(x.astype(dt), v_s)], (C, V), None)])
@@ -286,7 +259,7 @@ def _prep(q, k, v, gc, beta, run, gci, *, scale, l2norm, store_m=False):
         plgpu.wait_smem_to_gmem(0)
 
     vec = plgpu.SMEM((C,), F32)
-    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, K), dt), _smem((C, C), dt),
+    scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, K), dt), smem((C, C), dt),
                vec, vec, vec, vec, vec, vec,
                plgpu.Barrier(num_arrivals=8), plgpu.Barrier(num_arrivals=1)]
     out_type = [jax.ShapeDtypeStruct((B, HV, Tp, K), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt),
@@ -294,7 +267,7 @@ def _prep(q, k, v, gc, beta, run, gci, *, scale, l2norm, store_m=False):
                 jax.ShapeDtypeStruct((B, H, Tp, K), dt)]
     if store_m:
         out_type.append(jax.ShapeDtypeStruct((B, HV, Tp, C), dt))
-    f = _kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
+    f = mgpu.kernel(body, name="gdn_prep", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
                 grid_names=("b", "c", "h"))
     return f(q, k, v, gc, beta, run, gci)
 
@@ -360,12 +333,12 @@ def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=Fals
             vn, qs = _mm_multi([([(w_s.at[slot], s_o)], (C, bv), uf),        # v_new = u - w S
                                 ([(qn_s.at[slot], s_o)], (C, bv), None)])    # qn S
             vn_o[...] = vn.astype(dt)
-            vk_o[...] = (vn * _rows(plgpu.load(kdec_s.at[slot], layout=ROWS), (C, bv))).astype(dt)
+            vk_o[...] = (vn * bcast_rows(plgpu.load(kdec_s.at[slot], layout=ROWS), (C, bv))).astype(dt)
             plgpu.commit_smem()
             if store_h:
                 plgpu.copy_smem_to_gmem(vn_o, vn_ref.at[b, hv, pl.ds(n * C, C), cols])
             gci = plgpu.load(gci_s.at[slot], layout=ROWS)
-            o, s = _mm_multi([([(a_s.at[slot], vn_o)], (C, bv), qs * _rows(gci, (C, bv))),
+            o, s = _mm_multi([([(a_s.at[slot], vn_o)], (C, bv), qs * bcast_rows(gci, (C, bv))),
                               ([(kn_s.at[slot].T, vk_o)], (K, bv), s * gam_s[slot, 0])])
             if ST == 1:
                 @pl.when(n + 1 < NC)
@@ -380,15 +353,15 @@ def _state(nw, u, att, qn, kn, gci, kdec, gam, h0, *, T, out_dtype, store_h=Fals
         plgpu.wait_smem_to_gmem(0)
         ht_ref.at[b, hv, :, cols][...] = s
 
-    scratch = [_smem((ST, C, K), dt), _smem((ST, C, bv), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
-               _smem((ST, C, K), dt), plgpu.SMEM((ST, C), F32), plgpu.SMEM((ST, C), F32),
+    scratch = [smem((ST, C, K), dt), smem((ST, C, bv), dt), smem((ST, C, C), dt), smem((ST, C, K), dt),
+               smem((ST, C, K), dt), plgpu.SMEM((ST, C), F32), plgpu.SMEM((ST, C), F32),
                plgpu.SMEM((ST, GAMW), F32),
-               _smem((NO, K, bv), dt), _smem((NO, C, bv), dt), _smem((NO, C, bv), dt), _smem((NO, C, bv), out_dtype),
+               smem((NO, K, bv), dt), smem((NO, C, bv), dt), smem((NO, C, bv), dt), smem((NO, C, bv), out_dtype),
                plgpu.Barrier(num_arrivals=8, num_barriers=ST)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), out_dtype), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
     if store_h:
         out_type += [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, Tp, V), dt)]
-    f = _kernel(body, name="gdn_state", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
+    f = mgpu.kernel(body, name="gdn_state", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
     return f(nw, u, att, qn, kn, gci, kdec, gam, h0)
 
@@ -441,12 +414,12 @@ def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64):
             ds_o = ds_s.at[lax.rem(i, 2)]
             ds_o[...] = ds.astype(dt)
             dof = plgpu.load(do_s.at[slot], layout=WGMMA).astype(F32)
-            dog_s[...] = (dof * _rows(plgpu.load(gci_s.at[slot], layout=ROWS), (C, bv))).astype(dt)
+            dog_s[...] = (dof * bcast_rows(plgpu.load(gci_s.at[slot], layout=ROWS), (C, bv))).astype(dt)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(ds_o, dsp_ref.at[b, hv, n, :, cols])
             pdo, kds = _mm_multi([([(a_s.at[slot].T, do_s.at[slot])], (C, bv), None),
                                   ([(kn_s.at[slot], ds_o)], (C, bv), None)])
-            dvn = pdo + kds * _rows(plgpu.load(kdec_s.at[slot], layout=ROWS), (C, bv))
+            dvn = pdo + kds * bcast_rows(plgpu.load(kdec_s.at[slot], layout=ROWS), (C, bv))
             dvn_s[...] = dvn.astype(dt)
             plgpu.commit_smem()
             ds = _mm([(qn_s.at[slot].T, dog_s), (w_s.at[slot].T, dvn_s)], (K, bv), init=ds * gam_s[slot, 0])
@@ -460,13 +433,13 @@ def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64):
         plgpu.wait_smem_to_gmem(0)
         dh0_ref.at[b, hv, :, cols][...] = ds
 
-    scratch = [_smem((ST, C, bv), dt), _smem((ST, C, K), dt), _smem((ST, C, C), dt), _smem((ST, C, K), dt),
-               _smem((ST, C, K), dt), plgpu.SMEM((ST, C), F32), plgpu.SMEM((ST, C), F32),
+    scratch = [smem((ST, C, bv), dt), smem((ST, C, K), dt), smem((ST, C, C), dt), smem((ST, C, K), dt),
+               smem((ST, C, K), dt), plgpu.SMEM((ST, C), F32), plgpu.SMEM((ST, C), F32),
                plgpu.SMEM((ST, GAMW), F32),
-               _smem((2, K, bv), dt), _smem((C, bv), dt), _smem((C, bv), dt),
+               smem((2, K, bv), dt), smem((C, bv), dt), smem((C, bv), dt),
                plgpu.Barrier(num_arrivals=8, num_barriers=ST)]
     out_type = [jax.ShapeDtypeStruct((B, HV, NC, K, V), dt), jax.ShapeDtypeStruct((B, HV, K, V), F32)]
-    f = _kernel(body, name="gdn_state_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
+    f = mgpu.kernel(body, name="gdn_state_bwd", out_type=out_type, scratch=scratch, grid=(B, HV, NV),
                 grid_names=("b", "h", "v"))
     return f(do, nw, att, qn, kn, gci, kdec, gam, dht)
 
@@ -534,14 +507,14 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         plgpu.commit_smem()
 
         # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
-        kd16 = (plgpu.load(k_s, layout=WGMMA).astype(F32) * _rows(kdec, (C, K))).astype(dt)
+        kd16 = (plgpu.load(k_s, layout=WGMMA).astype(F32) * bcast_rows(kdec, (C, K))).astype(dt)
         plgpu.barrier_wait(bar_b)
         dvn = _mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
         dvn16 = dvn.astype(dt)
         dvn_s[...] = dvn16
         ii, jj, strict, incl = _masks(ri, rj)
         kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
-        ia16 = (kkd * _rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
+        ia16 = (kkd * bcast_rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
         plgpu.barrier_wait(bar_y)
         y_s[...] = _mm([(ia16, vn_s)], (C, V)).astype(dt)
         plgpu.commit_smem()
@@ -554,17 +527,17 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
         dakkd = da * kkd
         db = jnp.sum(dakkd, axis=1)
-        ea = dakkd * _rows(bi, (C, C))                      # dA * A
+        ea = dakkd * bcast_rows(bi, (C, C))                      # dA * A
         dg_row = jnp.sum(ea, axis=1)
         dg_col = jnp.sum(ea, axis=0) * -1.0
-        z_s[...] = (da * _decay(strict, gi, gj) * _rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
+        z_s[...] = (da * _decay(strict, gi, gj) * bcast_rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
 
         # phase C: dXv = M^T dv_new; dv = beta dXv; -dXk = dXv S^T
         dxv = _mm([(m_s.T, dvn_s)], (C, V))
         plgpu.barrier_wait(bar_c)
         vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
         db = db + jnp.sum(vf * dxv, axis=1)
-        y_s[...] = (dxv * _rows(bi, (C, V))).astype(dt)     # dv: final, leaves now
+        y_s[...] = (dxv * bcast_rows(bi, (C, V))).astype(dt)     # dv: final, leaves now
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, dv_ref.at[b, rows, hv])
         ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))
@@ -572,13 +545,13 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         t = jnp.sum(knf * ndxk, axis=1)
         db = db - t * gci
         dg_row = dg_row - t * bgci
-        dkn = ndxk * _rows(bgci * -1.0, (C, K))
+        dkn = ndxk * bcast_rows(bgci * -1.0, (C, K))
 
         # phase D: dkd = v_new dS'^T
         dkd = _mm([(vn_s, ds_s.T)], (C, K))
         rkd = jnp.sum(knf * dkd, axis=1) * kdec
         dg_row = dg_row - rkd
-        dkn = dkn + dkd * _rows(kdec, (C, K))
+        dkn = dkn + dkd * bcast_rows(kdec, (C, K))
 
         # phase E: dP = do v_new^T
         dp = _mm([(do_s, vn_s.T)], (C, C))
@@ -594,7 +567,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         # phase F: dkn += (dKK + dKK^T) kn + dPD^T qn; L2-norm backward of k
         dkn = _mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K), init=dkn)
         if l2norm:
-            dk = (dkn - knf * _rows(jnp.sum(knf * dkn, axis=1), (C, K))) * _rows(rk, (C, K))
+            dk = (dkn - knf * bcast_rows(jnp.sum(knf * dkn, axis=1), (C, K))) * bcast_rows(rk, (C, K))
         else:
             dk = dkn
 
@@ -602,11 +575,11 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         dqd = _mm([(do_s, s_s.T)], (C, K))
         qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
         dg_row = dg_row + jnp.sum(qnf * dqd, axis=1) * gci
-        dqn = _mm([(dpd16, k_s)], (C, K), init=dqd * _rows(gci, (C, K)))
+        dqn = _mm([(dpd16, k_s)], (C, K), init=dqd * bcast_rows(gci, (C, K)))
         if l2norm:
             yq = qnf * (1.0 / scale)
             dyq = dqn * scale
-            dq = (dyq - yq * _rows(jnp.sum(yq * dyq, axis=1), (C, K))) * _rows(rq, (C, K))
+            dq = (dyq - yq * bcast_rows(jnp.sum(yq * dyq, axis=1), (C, K))) * bcast_rows(rq, (C, K))
         else:
             dq = dqn * scale
         q_s[...] = dq.astype(dt)
@@ -635,10 +608,10 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         plgpu.wait_smem_to_gmem(0)
 
     vec = plgpu.SMEM((C,), F32)
-    scratch = [_smem((C, K), dt), _smem((C, K), dt), _smem((C, V), dt), _smem((C, V), dt), _smem((C, V), dt),
-               _smem((K, V), dt), _smem((K, V), dt),
-               _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt), _smem((C, C), dt),
-               _smem((C, V), dt), _smem((C, V), dt),
+    scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, V), dt), smem((C, V), dt),
+               smem((K, V), dt), smem((K, V), dt),
+               smem((C, C), dt), smem((C, C), dt), smem((C, C), dt), smem((C, C), dt),
+               smem((C, V), dt), smem((C, V), dt),
                vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
                plgpu.Barrier(num_arrivals=9), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2),
                plgpu.Barrier(num_arrivals=2)]
@@ -646,7 +619,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
     if not add_heads:
         out_type = [jax.ShapeDtypeStruct((B, Tp, HV, K), dt)] * 2 + out_type
-    f = _kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
+    f = mgpu.kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
                 grid_names=("b", "c", "h"))
     args = (q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m)
     if not add_heads:
@@ -779,13 +752,7 @@ def supports(q, k, v, g=None, beta=None, *, initial_state=None, segment_ids=None
              chunk_size=64, **_):
     """True only for calls the GPU tests cover: a Hopper GPU (sm_90), bf16 q/k/v, key and value head dims 64, 128
     or 256, HV a multiple of H, chunk size 64; any T, B, initial state, segment_ids, with or without the L2 norm."""
-    try:
-        if _INTERPRET is None:
-            if jax.default_backend() != "gpu":
-                return False
-            if getattr(jax.devices()[0], "compute_capability", None) != "9.0":
-                return False
-    except RuntimeError:
+    if not mgpu.on_hopper():
         return False
     if chunk_size != C or q.ndim != 4 or k.shape != q.shape or v.ndim != 4:
         return False

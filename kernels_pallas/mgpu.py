@@ -1,0 +1,49 @@
+"""What the Mosaic GPU (Hopper) kernels share: swizzled SMEM tiles, the WGMMA register layouts and their row /
+column broadcasts, the device check, and the kernel builder, which runs every kernel through Pallas' GPU interpreter
+when INTERPRET is set (the CPU tests set it; the interpreter checks indexing and algebra, not the GPU lowering)."""
+import jax
+import jax.numpy as jnp
+from jax import lax
+import jax.experimental.pallas.mosaic_gpu as plgpu
+
+WGMMA = plgpu.Layout.WGMMA
+ROWS = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector of a WGMMA tile
+COLS = plgpu.Layout.WGMMA.reduce(0)  # a [cols] vector of a WGMMA tile
+
+INTERPRET = None  # tests on CPU may set plgpu.InterpretGPUParams()
+
+
+def smem(shape, dtype):
+    """SMEM tile swizzled for TMA and WGMMA (minor dim = last dim)."""
+    dtype = jnp.dtype(dtype)
+    sw = plgpu.find_swizzle(shape[-1] * dtype.itemsize * 8)
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, sw // dtype.itemsize)),
+                                                plgpu.SwizzleTransform(sw)))
+
+
+def bcast_rows(vec, shape):
+    """A [rows] vector broadcast along the columns of a tile."""
+    return lax.broadcast_in_dim(vec, shape, [0])
+
+
+def bcast_cols(vec, shape):
+    """A [cols] vector broadcast along the rows of a tile."""
+    return lax.broadcast_in_dim(vec, shape, [1])
+
+
+def on_hopper():
+    """True where the kernels can run: the interpreter, or a default backend that is an sm_90 GPU."""
+    if INTERPRET is not None:
+        return True
+    try:
+        return jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
+    except RuntimeError:
+        return False
+
+
+def kernel(body, *, name, out_type, scratch, grid, grid_names):
+    """The last grid axis is CUDA's x, launched fastest: kernels put there what should run side by side (what
+    shares inputs through L2)."""
+    return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
+                        compiler_params=plgpu.CompilerParams(approx_math=True), interpret=INTERPRET,
+                        kernel_name=name)
