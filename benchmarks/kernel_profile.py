@@ -56,9 +56,10 @@ def profile(step, args, calls):
         return device_times(d, calls)
 
 
-def mixer_step(preset, B, T):
-    """Forward + backward of the model's whole Gated DeltaNet mixer (projections, causal conv, gates, the op with
-    impl="auto", gated norm, output projection) in bf16 with fp32 parameters, as a training step runs it."""
+def mixer_step(preset, B, T, conv_impl="auto"):
+    """Forward + backward of the model's whole Gated DeltaNet mixer (projections, causal conv with conv_impl, gates,
+    the op with impl="auto", gated norm, output projection) in bf16 with fp32 parameters, as a training step runs
+    it."""
     from flax import nnx
     import jax.numpy as jnp
     from benchmarks.layer_breakdown import module_step
@@ -66,6 +67,7 @@ def mixer_step(preset, B, T):
     from qwen3next_jax.gated_deltanet import GatedDeltaNet
     cfg = Qwen3NextConfig.preset(preset)
     module = GatedDeltaNet(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    module.conv_impl = conv_impl
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
     return module_step(module, x, jnp.ones((B, T), jnp.int32))
 
@@ -75,13 +77,15 @@ def main():
     ap.add_argument("--impls", default="pallas_gpu,jla")
     ap.add_argument("--shapes", default="8x4096,1x65536")
     ap.add_argument("--mixer", default="", help="a config preset: profile its whole Gated DeltaNet mixer instead")
+    ap.add_argument("--conv-impls", default="auto", help="with --mixer: the input conv's implementations to profile")
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp"))
     a = ap.parse_args()
     res = {"jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "command": " ".join(sys.argv)}
     for shape in a.shapes.split(","):
         B, T = map(int, shape.split("x"))
-        runs = [(f"mixer_{a.mixer}", lambda: mixer_step(a.mixer, B, T))] if a.mixer else \
+        runs = [(f"mixer_{a.mixer}_conv_{c}", lambda c=c: mixer_step(a.mixer, B, T, c))
+                for c in a.conv_impls.split(",")] if a.mixer else \
             [(name, lambda name=name: (fwd_bwd(get_impl(name)), inputs(B, T))) for name in a.impls.split(",")]
         for name, make in runs:
             times = profile(*make(), a.calls)

@@ -1,9 +1,12 @@
 """What the Mosaic GPU (Hopper) kernels share: swizzled SMEM tiles, the WGMMA register layouts and their row /
 column broadcasts, the device check, and the kernel builder, which runs every kernel through Pallas' GPU interpreter
 when INTERPRET is set (the CPU tests set it; the interpreter checks indexing and algebra, not the GPU lowering)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
+import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 WGMMA = plgpu.Layout.WGMMA
@@ -11,6 +14,7 @@ ROWS = plgpu.Layout.WGMMA.reduce(1)  # a [rows] vector of a WGMMA tile
 COLS = plgpu.Layout.WGMMA.reduce(0)  # a [cols] vector of a WGMMA tile
 
 INTERPRET = None  # tests on CPU may set plgpu.InterpretGPUParams()
+F32 = jnp.float32
 
 
 def smem(shape, dtype):
@@ -47,3 +51,35 @@ def kernel(body, *, name, out_type, scratch, grid, grid_names):
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
                         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=INTERPRET,
                         kernel_name=name)
+
+
+def iota(shape, dim):
+    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
+
+
+def _wgmma_all(pairs, acc):
+    for a, b in pairs:
+        plgpu.wgmma(acc, a, b)
+    return acc[...]
+
+
+def mm(pairs, shape, init=None):
+    """``init + sum(a @ b)`` on the tensor cores (a: registers or SMEM, b: SMEM); waited, then passed through an
+    optimization barrier so no arithmetic on the result is scheduled before the wgmma wait."""
+    if INTERPRET is not None:  # the GPU interpreter lacks run_state(ACC.init) and register A operands
+        out = None
+        for a, b in pairs:
+            try:
+                t = jnp.dot(a.astype(F32), b[...].astype(F32))
+            except AttributeError:  # a is an SMEM ref
+                t = pl.run_scoped(functools.partial(_wgmma_all, [(a, b)]), plgpu.ACC(shape, F32))
+            out = t if out is None else out + t
+        return out if init is None else init + out
+    if init is None:
+        out = pl.run_scoped(functools.partial(_wgmma_all, pairs), plgpu.ACC(shape, F32))
+    else:
+        def body(acc):
+            for a, b in pairs:
+                plgpu.wgmma(acc, a, b)
+        out = pl.run_state(body)(plgpu.ACC.init(init))
+    return lax.optimization_barrier(out)

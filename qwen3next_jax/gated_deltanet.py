@@ -12,35 +12,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels_pallas.conv import split_conv
 from kernels_pallas.gdn import gated_delta_rule
+from kernels_pallas.gdn.dispatch import PURE_JAX
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.layers import Linear, param
 from qwen3next_jax.norms import GatedRMSNorm
 
 
 class CausalConv1d(nnx.Module):
-    """Causal depthwise conv: out[t] = sum_j kernel[j] * x[t - (K-1-j)], dropping taps that reach an earlier document.
-
-    kernel [K, C] is torch's conv1d weight [C, 1, K] transposed.
-    """
+    """The taps of the depthwise conv over cat(q, k, v): kernel [W, C], torch's conv1d weight [C, 1, W] transposed.
+    kernels_pallas.conv.split_conv runs the conv."""
 
     def __init__(self, kernel_size: int, channels: int, *, rngs: nnx.Rngs, param_dtype, std: float):
         self.kernel = param(rngs, (kernel_size, channels), param_dtype, ("conv", "gdn_heads"), std=std)
-
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        """x [B, T, C], segment_ids [B, T] or None."""
-        K, T = self.kernel.shape[0], x.shape[1]
-        kernel = self.kernel[...].astype(x.dtype)
-        x_pad = jnp.pad(x, ((0, 0), (K - 1, 0), (0, 0)))
-        if segment_ids is not None:
-            seg_pad = jnp.pad(segment_ids, ((0, 0), (K - 1, 0)), constant_values=-1)
-        out = jnp.zeros_like(x)
-        for j in range(K):
-            tap = x_pad[:, j:j + T] * kernel[j]
-            if segment_ids is not None and j < K - 1:
-                tap = jnp.where((seg_pad[:, j:j + T] == segment_ids)[..., None], tap, 0)
-            out = out + tap
-        return out
 
 
 class GatedDeltaNet(nnx.Module):
@@ -64,22 +49,17 @@ class GatedDeltaNet(nnx.Module):
         self.out_proj = Linear(self.nv * self.dv, D, ("gdn_heads", "embed"), **kw)
         self.dtype = dtype
         self.gdn_impl = gdn_impl
+        # The pure-JAX forms of the op (tests, parity runs) come with the plain-JAX conv; otherwise its kernel.
+        self.conv_impl = "xla" if gdn_impl in PURE_JAX else "auto"
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         B, T, _ = x.shape
         nk, nv, dk, dv, r = self.nk, self.nv, self.dk, self.dv, self.r
         qkvz = self.in_proj_qkvz(x).reshape(B, T, nk, 2 * dk + 2 * r * dv)
-        q, k = qkvz[..., :dk], qkvz[..., dk:2 * dk]                      # [B, T, nk, dk]
-        v = qkvz[..., 2 * dk:2 * dk + r * dv].reshape(B, T, nv, dv)      # value head j = key head j // r
-        z = qkvz[..., 2 * dk + r * dv:].reshape(B, T, nv, dv)
+        q, k, v, z = split_conv(qkvz, self.conv1d.kernel[...].astype(qkvz.dtype), segment_ids, key_heads=nk,
+                                key_dim=dk, value_heads=nv, value_dim=dv, impl=self.conv_impl)
         ba = self.in_proj_ba(x).reshape(B, T, nk, 2 * r)
-        b, a = ba[..., :r].reshape(B, T, nv), ba[..., r:].reshape(B, T, nv)
-
-        mixed = jnp.concatenate([q.reshape(B, T, nk * dk), k.reshape(B, T, nk * dk), v.reshape(B, T, nv * dv)], -1)
-        mixed = jax.nn.silu(self.conv1d(mixed, segment_ids))
-        q = mixed[..., :nk * dk].reshape(B, T, nk, dk)
-        k = mixed[..., nk * dk:2 * nk * dk].reshape(B, T, nk, dk)
-        v = mixed[..., 2 * nk * dk:].reshape(B, T, nv, dv)
+        b, a = ba[..., :r].reshape(B, T, nv), ba[..., r:].reshape(B, T, nv)   # value head j = key head j // r
 
         beta = jax.nn.sigmoid(b)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(

@@ -90,8 +90,11 @@ def test_remat_policies_give_the_same_gradients():
         graphdef, state = nnx.split(perturbed_model(cfg, remat=remat))
         loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(ids) ** 2)
         grads.append(jax.jit(jax.grad(loss))(state))
+    # Recomputation changes how XLA fuses and orders the sums over tokens (the conv kernel's gradient sums 32 of
+    # them): entries that cancel to ~1e-4 of their array's scale differ by fp32 rounding, so atol follows the scale.
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.max(np.abs(b)))
     for g in grads[1:]:
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads[0], g)
+        jax.tree.map(close, grads[0], g)
 
 
 def test_sharded_forward_matches_single_device(model):

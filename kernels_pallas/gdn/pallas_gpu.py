@@ -37,7 +37,7 @@ import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from kernels_pallas import mgpu
-from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, smem
+from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, iota, mm, smem
 
 C = 64
 LOG2E = math.log2(math.e)
@@ -55,40 +55,10 @@ SUPPORTED_HEAD_DIMS = (64, 128, 256)
 # --------------------------------------------------------------------------------------------------------------------
 # small helpers
 
-def _iota(shape, dim):
-    return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
-
-
-def _mm(pairs, shape, init=None):
-    """``init + sum(a @ b)`` on the tensor cores; waited, then passed through an optimization barrier so no
-    arithmetic on the result is scheduled before the wgmma wait."""
-    if mgpu.INTERPRET is not None:  # the GPU interpreter lacks run_state(ACC.init) and register A operands
-        out = None
-        for a, b in pairs:
-            try:
-                t = jnp.dot(a.astype(F32), b[...].astype(F32))
-            except AttributeError:
-                t = _mm_scoped([(a, b)], shape)
-            out = t if out is None else out + t
-        return out if init is None else init + out
-    if init is None:
-        def scoped(acc):
-            for a, b in pairs:
-                plgpu.wgmma(acc, a, b)
-            return acc[...]
-        out = pl.run_scoped(scoped, plgpu.ACC(shape, F32))
-    else:
-        def body(acc):
-            for a, b in pairs:
-                plgpu.wgmma(acc, a, b)
-        out = pl.run_state(body)(plgpu.ACC.init(init))
-    return lax.optimization_barrier(out)
-
-
 def _mm_multi(groups):
     """Several independent accumulations ``[(pairs, shape, init_or_None), ...]`` issued together, waited once."""
     if mgpu.INTERPRET is not None:
-        return tuple(_mm(p, sh, init=i) for p, sh, i in groups)
+        return tuple(mm(p, sh, init=i) for p, sh, i in groups)
     inits = tuple(plgpu.ACC.init(i if i is not None else plgpu.layout_cast(jnp.zeros(sh, F32), WGMMA))
                   for _, sh, i in groups)
 
@@ -108,30 +78,22 @@ def _inverse(a, buf, dt):
     forms powers of A whose entries reach C(63, 32) for correlated keys and cancel catastrophically (it overflowed
     in training). Products take bf16 operands and accumulate in fp32; two tensor-core waits per level.
     ``buf``: [C, C] SMEM scratch in ``dt``."""
-    ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+    ii, jj = iota((C, C), 0), iota((C, C), 1)
     x = jnp.where(ii == jj, 1.0, 0.0) - jnp.where(lax.div(ii, 2) == lax.div(jj, 2), a, 0.0)   # size 2: I - A
     size = 4
     while size <= C:
-        ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+        ii, jj = iota((C, C), 0), iota((C, C), 1)
         half = size // 2
         below = ((lax.div(ii, size) == lax.div(jj, size)) & (lax.rem(ii, size) >= half)
                  & (lax.rem(jj, size) < half))
         buf[...] = x.astype(dt)
         plgpu.commit_smem()
-        link = _mm([(jnp.where(below, a, 0.0).astype(dt), buf)], (C, C))          # L X
+        link = mm([(jnp.where(below, a, 0.0).astype(dt), buf)], (C, C))          # L X
         buf[...] = link.astype(dt)
         plgpu.commit_smem()
-        x = _mm([((x * -1.0).astype(dt), buf)], (C, C), init=x)                    # X - X (L X)
+        x = mm([((x * -1.0).astype(dt), buf)], (C, C), init=x)                    # X - X (L X)
         size *= 2
     return x
-
-
-def _mm_scoped(pairs, shape):
-    def scoped(acc):
-        for a, b in pairs:
-            plgpu.wgmma(acc, a, b)
-        return acc[...]
-    return pl.run_scoped(scoped, plgpu.ACC(shape, F32))
 
 
 def _add_to_gmem(src, dst):
@@ -179,7 +141,7 @@ def _normalise_qk(q_s, k_s, *, scale, l2norm, dt):
 def _masks(ri, rj):
     """(row iota, column iota, strictly lower, lower incl. diagonal) of a [C, C] tile, both limited to pairs of one
     run (ri, rj: the run ids as rows / columns). Recomputed where needed rather than kept live (registers)."""
-    ii, jj = _iota((C, C), 0), _iota((C, C), 1)
+    ii, jj = iota((C, C), 0), iota((C, C), 1)
     same = bcast_rows(ri, (C, C)) == bcast_cols(rj, (C, C))
     return ii, jj, (ii > jj) & same, (ii >= jj) & same
 
@@ -422,7 +384,7 @@ def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64):
             dvn = pdo + kds * bcast_rows(plgpu.load(kdec_s.at[slot], layout=ROWS), (C, bv))
             dvn_s[...] = dvn.astype(dt)
             plgpu.commit_smem()
-            ds = _mm([(qn_s.at[slot].T, dog_s), (w_s.at[slot].T, dvn_s)], (K, bv), init=ds * gam_s[slot, 0])
+            ds = mm([(qn_s.at[slot].T, dog_s), (w_s.at[slot].T, dvn_s)], (K, bv), init=ds * gam_s[slot, 0])
             if ST == 1:
                 @pl.when(n > 0)
                 def _():
@@ -509,19 +471,19 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
         kd16 = (plgpu.load(k_s, layout=WGMMA).astype(F32) * bcast_rows(kdec, (C, K))).astype(dt)
         plgpu.barrier_wait(bar_b)
-        dvn = _mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
+        dvn = mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
         dvn16 = dvn.astype(dt)
         dvn_s[...] = dvn16
         ii, jj, strict, incl = _masks(ri, rj)
         kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
         ia16 = (kkd * bcast_rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
         plgpu.barrier_wait(bar_y)
-        y_s[...] = _mm([(ia16, vn_s)], (C, V)).astype(dt)
+        y_s[...] = mm([(ia16, vn_s)], (C, V)).astype(dt)
         plgpu.commit_smem()
-        dm = _mm([(dvn16, y_s.T)], (C, C))
-        z_s[...] = _mm([(dm.astype(dt), m_s.T)], (C, C)).astype(dt)
+        dm = mm([(dvn16, y_s.T)], (C, C))
+        z_s[...] = mm([(dm.astype(dt), m_s.T)], (C, C)).astype(dt)
         plgpu.commit_smem()
-        da = _mm([(m_s.T, z_s)], (C, C))
+        da = mm([(m_s.T, z_s)], (C, C))
         ii, jj, strict, incl = _masks(ri, rj)
         da = jnp.where(strict, da * -1.0, 0.0)
         kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
@@ -533,14 +495,14 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         z_s[...] = (da * _decay(strict, gi, gj) * bcast_rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
 
         # phase C: dXv = M^T dv_new; dv = beta dXv; -dXk = dXv S^T
-        dxv = _mm([(m_s.T, dvn_s)], (C, V))
+        dxv = mm([(m_s.T, dvn_s)], (C, V))
         plgpu.barrier_wait(bar_c)
         vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
         db = db + jnp.sum(vf * dxv, axis=1)
         y_s[...] = (dxv * bcast_rows(bi, (C, V))).astype(dt)     # dv: final, leaves now
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(y_s, dv_ref.at[b, rows, hv])
-        ndxk = _mm([(dxv.astype(dt), s_s.T)], (C, K))
+        ndxk = mm([(dxv.astype(dt), s_s.T)], (C, K))
         knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
         t = jnp.sum(knf * ndxk, axis=1)
         db = db - t * gci
@@ -548,13 +510,13 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         dkn = ndxk * bcast_rows(bgci * -1.0, (C, K))
 
         # phase D: dkd = v_new dS'^T
-        dkd = _mm([(vn_s, ds_s.T)], (C, K))
+        dkd = mm([(vn_s, ds_s.T)], (C, K))
         rkd = jnp.sum(knf * dkd, axis=1) * kdec
         dg_row = dg_row - rkd
         dkn = dkn + dkd * bcast_rows(kdec, (C, K))
 
         # phase E: dP = do v_new^T
-        dp = _mm([(do_s, vn_s.T)], (C, C))
+        dp = mm([(do_s, vn_s.T)], (C, C))
         ii, jj, strict, incl = _masks(ri, rj)
         ep = dp * plgpu.load(p_s, layout=WGMMA).astype(F32)
         dg_row = dg_row + jnp.sum(ep, axis=1)
@@ -565,17 +527,17 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
         plgpu.commit_smem()
 
         # phase F: dkn += (dKK + dKK^T) kn + dPD^T qn; L2-norm backward of k
-        dkn = _mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K), init=dkn)
+        dkn = mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K), init=dkn)
         if l2norm:
             dk = (dkn - knf * bcast_rows(jnp.sum(knf * dkn, axis=1), (C, K))) * bcast_rows(rk, (C, K))
         else:
             dk = dkn
 
         # phase G: dqd = do S^T; dqn = dPD kn + gci dqd; L2-norm backward of q
-        dqd = _mm([(do_s, s_s.T)], (C, K))
+        dqd = mm([(do_s, s_s.T)], (C, K))
         qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
         dg_row = dg_row + jnp.sum(qnf * dqd, axis=1) * gci
-        dqn = _mm([(dpd16, k_s)], (C, K), init=dqd * bcast_rows(gci, (C, K)))
+        dqn = mm([(dpd16, k_s)], (C, K), init=dqd * bcast_rows(gci, (C, K)))
         if l2norm:
             yq = qnf * (1.0 / scale)
             dyq = dqn * scale
