@@ -17,11 +17,11 @@ the row's columns [j BW, (j + 1) BW)). z blocks are copied through.
 * Forward (gdn_conv_fwd): a[t] = sum_d kernel[W-1-d] mask_d[t] x[t-d] (d = 0..W-1, mask_d: x[t-d] is a token of
   t's document), then SiLU, from x rows [t0 - 8, t0 + 64).
 * Backward, two kernels. gdn_conv_bwd_da recomputes a and writes da = dy SiLU'(a) (in x's dtype) and the
-  kernel's gradient as per-CTA partial sums of mask_d x[t-d] da[t] ([B, T / 64, key heads, conv blocks, W, BW]
-  fp32, which XLA adds up). gdn_conv_bwd_dx takes the transposed conv, dx[t] = sum_d kernel[W-1-d] mask_d[t+d]
+  kernel's gradient as per-CTA partial sums of mask_d x[t-d] da[t] (column sums on the tensor cores; [B, T / 64,
+  key heads, conv blocks, 8, BW] fp32, which XLA adds up). gdn_conv_bwd_dx takes the transposed conv, dx[t] = sum_d kernel[W-1-d] mask_d[t+d]
   da[t+d], from da rows [t0, t0 + 72), and writes in_proj_qkvz's whole gradient (dz into the z blocks). One kernel
   would need da 3 rows past its tokens, i.e. a second pass of the recomputation per CTA: measured 3.0 ms against
-  1.5 + 0.6 ms for the two.
+  1.3 + 0.6 ms for the two (80B-A3B mixer at 8 x 4096).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import jax.experimental.pallas.mosaic_gpu as plgpu
 
 from kernels_pallas import mgpu
 from kernels_pallas.conv.reference import tap_masks
-from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, smem
+from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, iota, mm, smem
 
 TT = 64     # tokens per CTA
 HALO = 8    # rows loaded before (and in the backward after) a CTA's tokens; taps reach W - 1 <= HALO rows back
@@ -164,7 +164,8 @@ def _forward(xp, wb, cm, *, key_heads, key_dim, value_heads, value_dim):
 def _grad_pre_activation(xp, dq, dk, dv, wb, cm, *, key_heads, key_dim, value_heads, value_dim):
     """da = dy * SiLU'(a) (a recomputed) -> [B, Tp, nk, conv blocks x BW + 64] in x's dtype (the last 64 columns
     are never written: they only keep the transposed conv's wide tiles in bounds), and the kernel's gradient as
-    per-CTA partial sums sum_t mask_d x[t - d] da[t]: [B, Tp / TT, nk, conv blocks, W, BW] fp32."""
+    per-CTA partial sums sum_t mask_d x[t - d] da[t]: [B, Tp / TT, nk, conv blocks, 8, BW] fp32, rows W-1-d
+    (rows from W on are zero)."""
     B, Tp, nk, P = xp.shape
     bw, nq, nvb, nconv, _ = _geometry(key_heads, key_dim, value_heads, value_dim, BWD_BW)
     r = value_heads // key_heads
@@ -173,7 +174,7 @@ def _grad_pre_activation(xp, dq, dk, dv, wb, cm, *, key_heads, key_dim, value_he
     dt = xp.dtype
     shape = (TT, bw)
 
-    def body(x_ref, dq_ref, dk_ref, dv_ref, w_ref, cm_ref, da_ref, dw_ref, x_s, dy_s, w_s, cm_s, dw_s, bar):
+    def body(x_ref, dq_ref, dk_ref, dv_ref, w_ref, cm_ref, da_ref, dw_ref, x_s, dy_s, w_s, cm_s, bar):
         b, t, hj = lax.axis_index("b"), lax.axis_index("t"), lax.axis_index("hj")
         h, j = lax.div(hj, nconv), lax.rem(hj, nconv)
         t0 = t * TT
@@ -193,20 +194,42 @@ def _grad_pre_activation(xp, dq, dk, dv, wb, cm, *, key_heads, key_dim, value_he
         da = plgpu.load(dy_s, layout=WGMMA).astype(F32) * sg * (1.0 + a * (1.0 - sg))
         da = da.astype(dt).astype(F32)     # rounded as it is stored (and as the plain-JAX form in dt rounds it)
         dy_s[...] = da.astype(dt)
-        for d in range(W):
-            p = plgpu.load(x_s.at[pl.ds(HALO - d, TT)], layout=WGMMA).astype(F32)[:, :bw] * da
-            if d:
-                p = p * bcast_rows(plgpu.load(cm_s.at[d - 1], layout=ROWS), shape)
-            dw_s.at[W - 1 - d][...] = jnp.sum(p, axis=0)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(dy_s, da_ref.at[b, rows, h, pl.ds(j * bw, bw)])
-        plgpu.copy_smem_to_gmem(dw_s, dw_ref.at[b, t, h, j])
-        plgpu.wait_smem_to_gmem(0)
+
+        # The kernel's gradient: column sums of p_d = mask_d x[t - d] da[t] over the CTA's tokens, on the tensor
+        # cores (column sums across a WGMMA tile's warps took 0.9 of this kernel's 1.5 ms): row W-1-d of
+        # sel_d @ p_d with sel_d one in that row. p_d (a product of two bf16 values, 16 significant bits) enters
+        # as hi + lo, two bf16 tiles that hold it to 2^-17.
+        def partials(p_hi, p_lo):
+            ii = iota((TT, TT), 0)
+            acc = plgpu.layout_cast(jnp.zeros(shape, F32), WGMMA)
+            for d in range(W):
+                p = plgpu.load(x_s.at[pl.ds(HALO - d, TT)], layout=WGMMA).astype(F32)[:, :bw] * da
+                if d:
+                    p = p * bcast_rows(plgpu.load(cm_s.at[d - 1], layout=ROWS), shape)
+                hi = p.astype(dt)
+                p_hi[...] = hi
+                p_lo[...] = (p - hi.astype(F32)).astype(dt)
+                plgpu.commit_smem()
+                sel = jnp.where(ii == W - 1 - d, 1.0, 0.0).astype(dt)
+                acc = mm([(sel, p_hi), (sel, p_lo)], shape, init=acc)
+            return acc
+
+        acc = pl.run_scoped(partials, smem((TT, bw), dt), smem((TT, bw), dt))
+
+        def send(acc_s):   # in the SMEM of partials' spent tiles
+            acc_s[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(acc_s.at[pl.ds(0, 8)], dw_ref.at[b, t, h, j])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(send, smem((TT, bw), F32))
 
     scratch = [plgpu.SMEM((HALO + TT, bw + PAD), dt), smem((TT, bw), dt), plgpu.SMEM((W, bw + PAD), F32),
-               plgpu.SMEM((W - 1, TT), F32), plgpu.SMEM((W, bw), F32), plgpu.Barrier(num_arrivals=5)]
+               plgpu.SMEM((W - 1, TT), F32), plgpu.Barrier(num_arrivals=5)]
     out_type = [jax.ShapeDtypeStruct((B, Tp, nk, nconv * bw + 64), dt),   # TMA: swizzled stores want 64s
-                jax.ShapeDtypeStruct((B, NT, nk, nconv, W, bw), F32)]
+                jax.ShapeDtypeStruct((B, NT, nk, nconv, 8, bw), F32)]    # rows W.. are zero
     f = mgpu.kernel(body, name="gdn_conv_bwd_da", out_type=out_type, scratch=scratch, grid=(B, NT, nk * nconv),
                     grid_names=("b", "t", "hj"))
     return f(xp, dq, dk, dv, wb, cm)
@@ -283,7 +306,7 @@ def _split_conv_bwd(dims, res, cts):
     wb = _blocks(kernel, *dims, bw)
     da, dwp = _grad_pre_activation(xp, dq, dk, dv, wb, cm, **_named(dims))
     dx = _transposed_conv(da, dz, wb, cm, xp.shape[-1], **_named(dims))
-    dw = _unblocks(jnp.sum(dwp, axis=(0, 1)), dims[0], dims[1], bw)
+    dw = _unblocks(jnp.sum(dwp[..., :kernel.shape[0], :], axis=(0, 1)), dims[0], dims[1], bw)
     return dx, dw.astype(kernel.dtype), jnp.zeros_like(cm)
 
 
