@@ -57,9 +57,13 @@ def iota(shape, dim):
     return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=WGMMA)
 
 
-def _wgmma_all(pairs, acc):
+def _issue(pairs, acc):
     for a, b in pairs:
         plgpu.wgmma(acc, a, b)
+
+
+def _issue_and_read(pairs, acc):
+    _issue(pairs, acc)
     return acc[...]
 
 
@@ -72,14 +76,11 @@ def mm(pairs, shape, init=None):
             try:
                 t = jnp.dot(a.astype(F32), b[...].astype(F32))
             except AttributeError:  # a is an SMEM ref
-                t = pl.run_scoped(functools.partial(_wgmma_all, [(a, b)]), plgpu.ACC(shape, F32))
+                t = pl.run_scoped(functools.partial(_issue_and_read, [(a, b)]), plgpu.ACC(shape, F32))
             out = t if out is None else out + t
         return out if init is None else init + out
     if init is None:
-        out = pl.run_scoped(functools.partial(_wgmma_all, pairs), plgpu.ACC(shape, F32))
+        out = pl.run_scoped(functools.partial(_issue_and_read, pairs), plgpu.ACC(shape, F32))
     else:
-        def body(acc):
-            for a, b in pairs:
-                plgpu.wgmma(acc, a, b)
-        out = pl.run_state(body)(plgpu.ACC.init(init))
+        out = pl.run_state(functools.partial(_issue, pairs))(plgpu.ACC.init(init))
     return lax.optimization_barrier(out)

@@ -18,10 +18,10 @@ the row's columns [j BW, (j + 1) BW)). z blocks are copied through.
   t's document), then SiLU, from x rows [t0 - 8, t0 + 64).
 * Backward, two kernels. gdn_conv_bwd_da recomputes a and writes da = dy SiLU'(a) (in x's dtype) and the
   kernel's gradient as per-CTA partial sums of mask_d x[t-d] da[t] (column sums on the tensor cores; [B, T / 64,
-  key heads, conv blocks, 8, BW] fp32, which XLA adds up). gdn_conv_bwd_dx takes the transposed conv, dx[t] = sum_d kernel[W-1-d] mask_d[t+d]
-  da[t+d], from da rows [t0, t0 + 72), and writes in_proj_qkvz's whole gradient (dz into the z blocks). One kernel
-  would need da 3 rows past its tokens, i.e. a second pass of the recomputation per CTA: measured 3.0 ms against
-  1.3 + 0.6 ms for the two (80B-A3B mixer at 8 x 4096).
+  key heads, conv blocks, 8, BW] fp32, which XLA adds up). gdn_conv_bwd_dx takes the transposed conv,
+  dx[t] = sum_d kernel[W-1-d] mask_d[t+d] da[t+d], from da rows [t0, t0 + 72), and writes in_proj_qkvz's whole
+  gradient (dz into the z blocks). One kernel would need da 3 rows past its tokens, i.e. a second pass of the
+  recomputation per CTA: measured 3.0 ms against 1.3 + 0.6 ms for the two (80B-A3B mixer at 8 x 4096).
 """
 from __future__ import annotations
 
@@ -40,14 +40,12 @@ from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, iota,
 TT = 64     # tokens per CTA
 HALO = 8    # rows loaded before (and in the backward after) a CTA's tokens; taps reach W - 1 <= HALO rows back
 PAD = 8     # extra columns of the x tiles, so that their rows do not share SMEM banks
-FWD_BW = 128  # widest channel block of the forward (memory-bound; wide tiles)
-BWD_BW = 128  # of the backward
 F32 = jnp.float32
 
 
-def _geometry(key_heads, key_dim, value_heads, value_dim, widest):
+def _geometry(key_heads, key_dim, value_heads, value_dim):
     """(BW, blocks of a q or k head, blocks of a value head, conv blocks per key head, all blocks per key head)."""
-    bw = 128 if key_dim % 128 == 0 and value_dim % 128 == 0 and widest >= 128 else 64
+    bw = 128 if key_dim % 128 == 0 and value_dim % 128 == 0 else 64
     nq, nvb = key_dim // bw, value_dim // bw
     r = value_heads // key_heads
     nconv = 2 * nq + r * nvb
@@ -116,7 +114,7 @@ def _z_tile(ref, j, b, rows, h, *, nconv, nvb, r, bw):
 def _forward(xp, wb, cm, *, key_heads, key_dim, value_heads, value_dim):
     """xp [B, Tp, nk, P] (Tp a multiple of TT) -> q, k [B, Tp, nk, dk], v, z [B, Tp, nv, dv]."""
     B, Tp, nk, P = xp.shape
-    bw, nq, nvb, nconv, nblk = _geometry(key_heads, key_dim, value_heads, value_dim, FWD_BW)
+    bw, nq, nvb, nconv, nblk = _geometry(key_heads, key_dim, value_heads, value_dim)
     r = value_heads // key_heads
     W = wb.shape[2]
     dt = xp.dtype
@@ -167,7 +165,7 @@ def _grad_pre_activation(xp, dq, dk, dv, wb, cm, *, key_heads, key_dim, value_he
     per-CTA partial sums sum_t mask_d x[t - d] da[t]: [B, Tp / TT, nk, conv blocks, 8, BW] fp32, rows W-1-d
     (rows from W on are zero)."""
     B, Tp, nk, P = xp.shape
-    bw, nq, nvb, nconv, _ = _geometry(key_heads, key_dim, value_heads, value_dim, BWD_BW)
+    bw, nq, nvb, nconv, _ = _geometry(key_heads, key_dim, value_heads, value_dim)
     r = value_heads // key_heads
     W = wb.shape[2]
     NT = Tp // TT
@@ -239,7 +237,7 @@ def _transposed_conv(da, dz, wb, cm, P, *, key_heads, key_dim, value_heads, valu
     """d in_proj_qkvz [B, Tp, nk, P]: dx[t] = sum_d kernel[W-1-d] mask_d[t+d] da[t+d] in the conv blocks, dz in
     the z blocks."""
     B, Tp, nk, _ = da.shape
-    bw, nq, nvb, nconv, nblk = _geometry(key_heads, key_dim, value_heads, value_dim, BWD_BW)
+    bw, nq, nvb, nconv, nblk = _geometry(key_heads, key_dim, value_heads, value_dim)
     r = value_heads // key_heads
     W = wb.shape[2]
     dt = da.dtype
@@ -292,7 +290,7 @@ def _transposed_conv(da, dz, wb, cm, P, *, key_heads, key_dim, value_heads, valu
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _split_conv(xp, kernel, cm, dims):
-    return tuple(_forward(xp, _blocks(kernel, *dims, _geometry(*dims, FWD_BW)[0]), cm, **_named(dims)))
+    return tuple(_forward(xp, _blocks(kernel, *dims, _geometry(*dims)[0]), cm, **_named(dims)))
 
 
 def _split_conv_fwd(xp, kernel, cm, dims):
@@ -301,7 +299,7 @@ def _split_conv_fwd(xp, kernel, cm, dims):
 
 def _split_conv_bwd(dims, res, cts):
     xp, kernel, cm = res
-    bw = _geometry(*dims, BWD_BW)[0]
+    bw = _geometry(*dims)[0]
     dq, dk, dv, dz = (c.astype(xp.dtype) for c in cts)
     wb = _blocks(kernel, *dims, bw)
     da, dwp = _grad_pre_activation(xp, dq, dk, dv, wb, cm, **_named(dims))
