@@ -45,12 +45,14 @@ def on_hopper():
         return False
 
 
-def kernel(body, *, name, out_type, scratch, grid, grid_names):
+def kernel(body, *, name, out_type, scratch, grid, grid_names, num_threads=None):
     """The last grid axis is CUDA's x, launched fastest: kernels put there what should run side by side (what
-    shares inputs through L2)."""
+    shares inputs through L2). With num_threads, that many warpgroups run the body, each finding its index as
+    ``lax.axis_index("wg")``."""
+    threads = {} if num_threads is None else dict(num_threads=num_threads, thread_name="wg")
     return plgpu.kernel(body, out_type=out_type, scratch_types=scratch, grid=grid, grid_names=grid_names,
                         compiler_params=plgpu.CompilerParams(approx_math=True), interpret=INTERPRET,
-                        kernel_name=name)
+                        kernel_name=name, **threads)
 
 
 def iota(shape, dim):

@@ -406,12 +406,27 @@ def _state_bwd(do, nw, att, qn, kn, gci, kdec, gam, dht, *, bv=64):
     return f(do, nw, att, qn, kn, gci, kdec, gam, dht)
 
 
+def _l2norm_bwd(dxn, xn, r, scale, l2norm):
+    """Gradient through x -> scale * x / |x| given xn = scale * x / |x| (fp32 [C, K]) and r = 1 / |x| (rows)."""
+    if not l2norm:
+        return dxn * scale
+    shape = dxn.shape
+    return (dxn * scale - xn * bcast_rows(jnp.sum(xn * dxn, axis=1) * (1.0 / scale), shape)) * bcast_rows(r, shape)
+
+
 def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, l2norm):
     """Chunk-local gradients, one CTA per (b, hv, chunk), given the state entering the chunk (hc), the gradient of
     the state leaving it (dsp), v_new (vn) and the forward's M = (I + A)^-1 (m: its serial inverse is the costliest
     part to recompute). Recomputes the normalised q/k, A and P and returns
     dq, dk [B, Tp, H, K] bf16, dv [B, Tp, HV, V], dbeta [B, HV, Tp], the gate gradient pieces
     dg_row, dg_col, rkd ([B, HV, Tp] fp32) and sds = rowsum(S * dS') [B, HV, NC, K]; XLA assembles dg.
+
+    Two warpgroups, so that one's tensor-core waits and loads overlap the other's work. The chain through A runs on
+    warpgroup 0: qk^T, kk^T and dP = do v_new^T, then dv_new = P^T do + kd dS', dXv = M^T dv_new (dv = beta dXv)
+    and dA = -dXv v_new^T (v_new = M r with r = Xv - Xk S, so dA = -M^T (dv_new r^T) M^T = -dXv (M r)^T: no pass
+    through the inverse). Warpgroup 1 makes dq and dk from products that need only the loads (v_new dS'^T,
+    do S^T) and, as warpgroup 0 publishes them in SMEM, dPD, dXv and dKK. Warpgroup 0 alone takes column sums
+    (a reduction across warps through Pallas' one reduction scratch); warpgroup 1 only sums rows.
 
     dq, dk sum over the value heads of a key head. With at most two of them the CTAs add their tiles into
     zeroed GMEM with the TMA's reduction (bf16): 0 + a + b rounds once, to the same value whichever head arrives
@@ -429,160 +444,161 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
     # dq_ref, dk_ref are the last inputs (zeroed, added to) or the first outputs: the same place either way.
     def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, gci_ref, kdec_ref, h_ref, dsp_ref, vn_ref, m_ref,
              dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
-             q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, z_s, kkd_s, dvn_s, y_s,
-             g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, o_r, o_c, o_r2, o_r3, o_k, bar, bar_b, bar_y, bar_c):
+             q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, dpd_s, dkk_s, dvn_s,
+             g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, rq_s, rk_s, db_s, dgr_s, dgc_s, db1_s, dgr1_s, rkd_s, sds_s,
+             bar, bar_b, bar_y, bar_c, qk_ready, dpd_ready, dxv_ready, dkk_ready, part_ready, done):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
+        wg = lax.axis_index("wg")
         rows = pl.ds(c * C, C)
-        # One CTA fills an SM (SMEM), so nothing else hides its loads: they are issued in the order the phases need
-        # them, each group on its own barrier, and the first phases run while the later operands arrive.
-        _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (beta_ref, b_r), (gci_ref, gci_r),
-                                             (kdec_ref, kdec_r)),
-                    ((run_ref, run_r), (run_ref, run_c)), bar,
-                    b=b, h=lax.div(hv, r), hv=hv, rows=rows)
-        plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv], do_s, bar_b)
-        plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar_b)
-        plgpu.copy_gmem_to_smem(vn_ref.at[b, hv, rows], vn_s, bar_y)
-        plgpu.copy_gmem_to_smem(m_ref.at[b, hv, rows], m_s, bar_y)
-        plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar_c)
-        plgpu.copy_gmem_to_smem(h_ref.at[b, hv, c], s_s, bar_c)
-        plgpu.barrier_wait(bar)
+        hk = lax.div(hv, r)
 
-        # Phases keep at most about two [C, K] fp32 arrays live (the rest goes through SMEM as bf16), so that the
-        # single warpgroup does not spill.
-        rq, rk = _normalise_qk(q_s, k_s, scale=scale, l2norm=l2norm, dt=dt)
-        gi = plgpu.load(g_r, layout=ROWS)
-        gj = plgpu.load(g_c, layout=COLS)
-        bi = plgpu.load(b_r, layout=ROWS)
-        ri = plgpu.load(run_r, layout=ROWS)
-        rj = plgpu.load(run_c, layout=COLS)
-        gci = plgpu.load(gci_r, layout=ROWS)      # qd = qn * gci
-        kdec = plgpu.load(kdec_r, layout=ROWS)    # kd = kn * kdec
-        bgci = bi * gci                           # Xk = kn * bgci
+        @pl.when(wg == 0)
+        def _chain():
+            # Loads in the order the two warpgroups need them, each group on its own barrier.
+            _load_chunk(q_ref, k_ref, q_s, k_s, ((gc_ref, g_r), (gc_ref, g_c), (beta_ref, b_r), (gci_ref, gci_r),
+                                                 (kdec_ref, kdec_r)),
+                        ((run_ref, run_r), (run_ref, run_c)), bar, b=b, h=hk, hv=hv, rows=rows)
+            plgpu.copy_gmem_to_smem(do_ref.at[b, rows, hv], do_s, bar_b)
+            plgpu.copy_gmem_to_smem(vn_ref.at[b, hv, rows], vn_s, bar_b)
+            plgpu.copy_gmem_to_smem(dsp_ref.at[b, hv, c], ds_s, bar_y)
+            plgpu.copy_gmem_to_smem(h_ref.at[b, hv, c], s_s, bar_y)
+            plgpu.copy_gmem_to_smem(m_ref.at[b, hv, rows], m_s, bar_c)
+            plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar_c)
+            plgpu.barrier_wait(bar)
+            rq, rk = _normalise_qk(q_s, k_s, scale=scale, l2norm=l2norm, dt=dt)
+            if l2norm:
+                rq_s[...] = rq
+                rk_s[...] = rk
+                plgpu.commit_smem()
+            plgpu.barrier_arrive(qk_ready)
 
-        # phase A: P, KKD (-> SMEM)
-        qk, kk = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None)])
-        ii, jj, strict, incl = _masks(ri, rj)
-        p_s[...] = (qk * _decay(incl, gi, gj)).astype(dt)
-        kkd_s[...] = (kk * _decay(strict, gi, gj)).astype(dt)
-        plgpu.commit_smem()
+            gi = plgpu.load(g_r, layout=ROWS)
+            gj = plgpu.load(g_c, layout=COLS)
+            bi = plgpu.load(b_r, layout=ROWS)
+            ri = plgpu.load(run_r, layout=ROWS)
+            rj = plgpu.load(run_c, layout=COLS)
+            plgpu.barrier_wait(bar_b)
+            qk, kk, dp = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None),
+                                    ([(do_s, vn_s.T)], (C, C), None)])
+            ii, jj, strict, incl = _masks(ri, rj)
+            dec = _decay(incl, gi, gj)
+            pm = qk * dec                                   # P, masked
+            p_s[...] = pm.astype(dt)
+            ep = dp * pm                                    # the gates' share of dP
+            dg_row = jnp.sum(ep, axis=1)
+            dg_col = jnp.sum(ep, axis=0) * -1.0
+            dpd_s[...] = (dp * dec).astype(dt)              # dPD = dP * D (dec is 0 off the mask)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(dpd_ready)
+            kkd = kk * _decay(strict, gi, gj)               # A = beta_i KKD
+            kd16 = (plgpu.load(k_s, layout=WGMMA).astype(F32)
+                    * bcast_rows(plgpu.load(kdec_r, layout=ROWS), (C, K))).astype(dt)
+            plgpu.barrier_wait(bar_y)
+            dvn_s[...] = mm([(p_s.T, do_s), (kd16, ds_s)], (C, V)).astype(dt)     # dv_new = P^T do + kd dS'
+            plgpu.commit_smem()
+            plgpu.barrier_wait(bar_c)
+            dxv = mm([(m_s.T, dvn_s)], (C, V))                                     # dXv = M^T dv_new
+            db = jnp.sum(plgpu.load(v_s, layout=WGMMA).astype(F32) * dxv, axis=1)
+            dxv16 = dxv.astype(dt)
+            v_s[...] = dxv16                                # v is spent: dXv for warpgroup 1's dXv S^T
+            dvn_s[...] = (dxv * bcast_rows(bi, (C, V))).astype(dt)                 # dv, final
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(dxv_ready)
+            plgpu.copy_smem_to_gmem(dvn_s, dv_ref.at[b, rows, hv])
+            da = mm([(dxv16, vn_s.T)], (C, C))
+            ii, jj, strict, incl = _masks(ri, rj)
+            da = jnp.where(strict, da * -1.0, 0.0)          # dA = -dXv v_new^T on A's support
+            dakkd = da * kkd
+            db = db + jnp.sum(dakkd, axis=1)
+            ea = dakkd * bcast_rows(bi, (C, C))             # dA * A
+            dg_row = dg_row + jnp.sum(ea, axis=1)
+            dg_col = dg_col - jnp.sum(ea, axis=0)
+            dkk_s[...] = (da * _decay(strict, gi, gj) * bcast_rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(dkk_ready)
+            db_s[...] = db
+            dgr_s[...] = dg_row
+            dgc_s[...] = dg_col
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(part_ready)
+            plgpu.copy_smem_to_gmem(dgc_s, dgc_ref.at[b, hv, rows])
+            plgpu.wait_smem_to_gmem(0)
 
-        # phase B: dv_new = P^T do + kd dS';  Y = (I + A) v_new;  dA = -(M^T (dv_new Y^T) M^T) on the strict part
-        kd16 = (plgpu.load(k_s, layout=WGMMA).astype(F32) * bcast_rows(kdec, (C, K))).astype(dt)
-        plgpu.barrier_wait(bar_b)
-        dvn = mm([(p_s.T, do_s), (kd16, ds_s)], (C, V))
-        dvn16 = dvn.astype(dt)
-        dvn_s[...] = dvn16
-        ii, jj, strict, incl = _masks(ri, rj)
-        kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
-        ia16 = (kkd * bcast_rows(bi, (C, C)) + jnp.where(ii == jj, 1.0, 0.0)).astype(dt)
-        plgpu.barrier_wait(bar_y)
-        y_s[...] = mm([(ia16, vn_s)], (C, V)).astype(dt)
-        plgpu.commit_smem()
-        dm = mm([(dvn16, y_s.T)], (C, C))
-        z_s[...] = mm([(dm.astype(dt), m_s.T)], (C, C)).astype(dt)
-        plgpu.commit_smem()
-        da = mm([(m_s.T, z_s)], (C, C))
-        ii, jj, strict, incl = _masks(ri, rj)
-        da = jnp.where(strict, da * -1.0, 0.0)
-        kkd = plgpu.load(kkd_s, layout=WGMMA).astype(F32)
-        dakkd = da * kkd
-        db = jnp.sum(dakkd, axis=1)
-        ea = dakkd * bcast_rows(bi, (C, C))                      # dA * A
-        dg_row = jnp.sum(ea, axis=1)
-        dg_col = jnp.sum(ea, axis=0) * -1.0
-        z_s[...] = (da * _decay(strict, gi, gj) * bcast_rows(bi, (C, C))).astype(dt)   # dKK = dA * D * beta_i
+        @pl.when(wg == 1)
+        def _keys_and_queries():
+            plgpu.barrier_wait(bar_b)
+            plgpu.barrier_wait(bar_y)
+            dkd, dqd = _mm_multi([([(vn_s, ds_s.T)], (C, K), None), ([(do_s, s_s.T)], (C, K), None)])
+            for half in range(K // 64):               # the state's own decay: rowsum(S * dS')
+                sl = pl.ds(half * 64, 64)
+                sds_s[sl] = jnp.sum(plgpu.load(s_s.at[sl], layout=WGMMA).astype(F32)
+                                    * plgpu.load(ds_s.at[sl], layout=WGMMA).astype(F32), axis=1)
+            plgpu.barrier_wait(qk_ready)              # (after warpgroup 0 waited for q, k and the gates)
+            gci = plgpu.load(gci_r, layout=ROWS)      # qd = qn * gci
+            kdec = plgpu.load(kdec_r, layout=ROWS)    # kd = kn * kdec
+            bgci = plgpu.load(b_r, layout=ROWS) * gci   # Xk = kn * bgci
+            knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
+            rkd = jnp.sum(knf * dkd, axis=1) * kdec
+            dkn = dkd * bcast_rows(kdec, (C, K))
+            qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
+            dg_row = jnp.sum(qnf * dqd, axis=1) * gci - rkd
+            plgpu.barrier_wait(dpd_ready)
+            dqn, dkn = _mm_multi([([(dpd_s, k_s)], (C, K), dqd * bcast_rows(gci, (C, K))),   # dqn = dPD kn + gci dqd
+                                  ([(dpd_s.T, q_s)], (C, K), dkn)])                          # dkn += dPD^T qn
+            rq = plgpu.load(rq_s, layout=ROWS) if l2norm else None
+            q_s[...] = _l2norm_bwd(dqn, plgpu.load(q_s, layout=WGMMA).astype(F32), rq, scale, l2norm).astype(dt)
+            plgpu.commit_smem()
+            if add_heads:
+                _add_to_gmem(q_s, dq_ref.at[b, rows, hk])
+            else:
+                plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, rows, hv])
+            plgpu.barrier_wait(dxv_ready)
+            ndxk = mm([(v_s, s_s.T)], (C, K))                                  # -dXk = dXv S^T
+            knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
+            t = jnp.sum(knf * ndxk, axis=1)
+            db = t * gci * -1.0
+            dg_row = dg_row - t * bgci
+            dkn = dkn - ndxk * bcast_rows(bgci, (C, K))
+            plgpu.barrier_wait(dkk_ready)
+            dkn = mm([(dkk_s, k_s), (dkk_s.T, k_s)], (C, K), init=dkn)          # dkn += (dKK + dKK^T) kn
+            rk = plgpu.load(rk_s, layout=ROWS) if l2norm else None
+            k_s[...] = _l2norm_bwd(dkn, plgpu.load(k_s, layout=WGMMA).astype(F32), rk, 1.0, l2norm).astype(dt)
+            plgpu.commit_smem()
+            if add_heads:
+                _add_to_gmem(k_s, dk_ref.at[b, rows, hk])
+            else:
+                plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, rows, hv])
+            plgpu.barrier_wait(part_ready)
+            db1_s[...] = plgpu.load(db_s, layout=ROWS) + db
+            dgr1_s[...] = plgpu.load(dgr_s, layout=ROWS) + dg_row
+            rkd_s[...] = rkd
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(db1_s, db_ref.at[b, hv, rows])
+            plgpu.copy_smem_to_gmem(dgr1_s, dgr_ref.at[b, hv, rows])
+            plgpu.copy_smem_to_gmem(rkd_s, rkd_ref.at[b, hv, rows])
+            plgpu.copy_smem_to_gmem(sds_s, sds_ref.at[b, hv, c])
+            plgpu.wait_smem_to_gmem(0)
 
-        # phase C: dXv = M^T dv_new; dv = beta dXv; -dXk = dXv S^T
-        dxv = mm([(m_s.T, dvn_s)], (C, V))
-        plgpu.barrier_wait(bar_c)
-        vf = plgpu.load(v_s, layout=WGMMA).astype(F32)
-        db = db + jnp.sum(vf * dxv, axis=1)
-        y_s[...] = (dxv * bcast_rows(bi, (C, V))).astype(dt)     # dv: final, leaves now
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(y_s, dv_ref.at[b, rows, hv])
-        ndxk = mm([(dxv.astype(dt), s_s.T)], (C, K))
-        knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
-        t = jnp.sum(knf * ndxk, axis=1)
-        db = db - t * gci
-        dg_row = dg_row - t * bgci
-        dkn = ndxk * bcast_rows(bgci * -1.0, (C, K))
-
-        # phase D: dkd = v_new dS'^T
-        dkd = mm([(vn_s, ds_s.T)], (C, K))
-        rkd = jnp.sum(knf * dkd, axis=1) * kdec
-        dg_row = dg_row - rkd
-        dkn = dkn + dkd * bcast_rows(kdec, (C, K))
-
-        # phase E: dP = do v_new^T
-        dp = mm([(do_s, vn_s.T)], (C, C))
-        ii, jj, strict, incl = _masks(ri, rj)
-        ep = dp * plgpu.load(p_s, layout=WGMMA).astype(F32)
-        dg_row = dg_row + jnp.sum(ep, axis=1)
-        dg_col = dg_col - jnp.sum(ep, axis=0)
-        dpd16 = jnp.where(incl, dp * _decay(incl, gi, gj), 0.0).astype(dt)
-        dpd_s = p_s                                          # P is no longer needed
-        dpd_s[...] = dpd16
-        plgpu.commit_smem()
-
-        # phase F: dkn += (dKK + dKK^T) kn + dPD^T qn; L2-norm backward of k
-        dkn = mm([(z_s, k_s), (z_s.T, k_s), (dpd_s.T, q_s)], (C, K), init=dkn)
-        if l2norm:
-            dk = (dkn - knf * bcast_rows(jnp.sum(knf * dkn, axis=1), (C, K))) * bcast_rows(rk, (C, K))
-        else:
-            dk = dkn
-
-        # phase G: dqd = do S^T; dqn = dPD kn + gci dqd; L2-norm backward of q
-        dqd = mm([(do_s, s_s.T)], (C, K))
-        qnf = plgpu.load(q_s, layout=WGMMA).astype(F32)
-        dg_row = dg_row + jnp.sum(qnf * dqd, axis=1) * gci
-        dqn = mm([(dpd16, k_s)], (C, K), init=dqd * bcast_rows(gci, (C, K)))
-        if l2norm:
-            yq = qnf * (1.0 / scale)
-            dyq = dqn * scale
-            dq = (dyq - yq * bcast_rows(jnp.sum(yq * dyq, axis=1), (C, K))) * bcast_rows(rq, (C, K))
-        else:
-            dq = dqn * scale
-        q_s[...] = dq.astype(dt)
-        k_s[...] = dk.astype(dt)
-        for half in range(K // 64):
-            sl = pl.ds(half * 64, 64)
-            sf = plgpu.load(s_s.at[sl], layout=WGMMA).astype(F32)
-            dsf = plgpu.load(ds_s.at[sl], layout=WGMMA).astype(F32)
-            o_k[sl] = jnp.sum(sf * dsf, axis=1)
-        o_r[...] = db
-        o_c[...] = dg_col
-        o_r2[...] = dg_row
-        o_r3[...] = rkd
-        plgpu.commit_smem()
-        if add_heads:
-            _add_to_gmem(q_s, dq_ref.at[b, rows, lax.div(hv, r)])
-            _add_to_gmem(k_s, dk_ref.at[b, rows, lax.div(hv, r)])
-        else:
-            plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, rows, hv])
-            plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, rows, hv])
-        plgpu.copy_smem_to_gmem(o_r, db_ref.at[b, hv, rows])
-        plgpu.copy_smem_to_gmem(o_r2, dgr_ref.at[b, hv, rows])
-        plgpu.copy_smem_to_gmem(o_c, dgc_ref.at[b, hv, rows])
-        plgpu.copy_smem_to_gmem(o_r3, rkd_ref.at[b, hv, rows])
-        plgpu.copy_smem_to_gmem(o_k, sds_ref.at[b, hv, c])
-        plgpu.wait_smem_to_gmem(0)
+        # Neither warpgroup exits while the other still issues wgmmas.
+        plgpu.barrier_arrive(done)
+        plgpu.barrier_wait(done)
 
     vec = plgpu.SMEM((C,), F32)
+    one = plgpu.Barrier()
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, V), dt), smem((C, V), dt),
                smem((K, V), dt), smem((K, V), dt),
-               smem((C, C), dt), smem((C, C), dt), smem((C, C), dt), smem((C, C), dt),
-               smem((C, V), dt), smem((C, V), dt),
-               vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, vec, plgpu.SMEM((K,), F32),
+               smem((C, C), dt), smem((C, C), dt), smem((C, C), dt), smem((C, C), dt), smem((C, V), dt),
+               *[vec] * 15, plgpu.SMEM((K,), F32),
                plgpu.Barrier(num_arrivals=9), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2),
-               plgpu.Barrier(num_arrivals=2)]
+               plgpu.Barrier(num_arrivals=2), one, one, one, one, one, plgpu.Barrier(num_arrivals=2)]
     vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
     if not add_heads:
         out_type = [jax.ShapeDtypeStruct((B, Tp, HV, K), dt)] * 2 + out_type
     f = mgpu.kernel(body, name="gdn_chunk_bwd", out_type=out_type, scratch=scratch, grid=(B, NC, HV),
-                grid_names=("b", "c", "h"))
+                    grid_names=("b", "c", "h"), num_threads=2)
     args = (q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m)
     if not add_heads:
         return f(*args)
