@@ -117,23 +117,22 @@ def _load_chunk(q_ref, k_ref, q_s, k_s, head_vecs, token_vecs, bar, *, b, h, hv,
         plgpu.copy_gmem_to_smem(src.at[b, rows], dst, bar)
 
 
+def _normalise(x_s, *, scale, l2norm, dt):
+    """In place in SMEM (bf16): x <- scale * x / |x| (only the scale without l2norm). Returns the fp32 reciprocal
+    norm for the norm's backward, None without l2norm."""
+    xf = plgpu.load(x_s, layout=WGMMA).astype(F32)
+    if not l2norm:
+        x_s[...] = (xf * scale).astype(dt)
+        return None
+    rx = lax.rsqrt(jnp.sum(xf * xf, axis=1) + EPS)
+    x_s[...] = (xf * bcast_rows(rx * scale, xf.shape)).astype(dt)
+    return rx
+
+
 def _normalise_qk(q_s, k_s, *, scale, l2norm, dt):
-    """In place in SMEM (bf16): q <- scale * q / |q|, k <- k / |k| (only the scale without l2norm). Returns the
-    fp32 reciprocal norms (rq, rk) for the norm's backward, None without l2norm. One fp32 tile live at a time."""
-    K = q_s.shape[-1]
-    rq = rk = None
-    qf = plgpu.load(q_s, layout=WGMMA).astype(F32)
-    if l2norm:
-        rq = lax.rsqrt(jnp.sum(qf * qf, axis=1) + EPS)
-        q_s[...] = (qf * bcast_rows(rq * scale, (C, K))).astype(dt)
-    else:
-        q_s[...] = (qf * scale).astype(dt)
-    kf = plgpu.load(k_s, layout=WGMMA).astype(F32)
-    if l2norm:
-        rk = lax.rsqrt(jnp.sum(kf * kf, axis=1) + EPS)
-        k_s[...] = (kf * bcast_rows(rk, (C, K))).astype(dt)
-    else:
-        k_s[...] = kf.astype(dt)
+    """q <- scale * q / |q|, k <- k / |k| in SMEM, one fp32 tile live at a time; returns (rq, rk) (see _normalise)."""
+    rq = _normalise(q_s, scale=scale, l2norm=l2norm, dt=dt)
+    rk = _normalise(k_s, scale=1.0, l2norm=l2norm, dt=dt)
     plgpu.commit_smem()
     return rq, rk
 
@@ -445,8 +444,8 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
     def body(q_ref, k_ref, v_ref, do_ref, gc_ref, beta_ref, run_ref, gci_ref, kdec_ref, h_ref, dsp_ref, vn_ref, m_ref,
              dq_ref, dk_ref, dv_ref, db_ref, dgr_ref, dgc_ref, rkd_ref, sds_ref,
              q_s, k_s, v_s, do_s, vn_s, s_s, ds_s, m_s, p_s, dpd_s, dkk_s, dvn_s,
-             g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, rq_s, rk_s, db_s, dgr_s, dgc_s, db1_s, dgr1_s, rkd_s, sds_s,
-             bar, bar_b, bar_y, bar_c, qk_ready, dpd_ready, dxv_ready, dkk_ready, part_ready, done):
+             g_r, g_c, b_r, gci_r, kdec_r, run_r, run_c, rk_s, db_s, dgr_s, dgc_s, db1_s, dgr1_s, rkd_s, sds_s,
+             bar, bar_b, bar_y, bar_c, q_ready, k_ready, dpd_ready, dxv_ready, dkk_ready, part_ready, done):
         b = lax.axis_index("b")
         hv = lax.axis_index("h")
         c = lax.axis_index("c")
@@ -467,12 +466,11 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
             plgpu.copy_gmem_to_smem(m_ref.at[b, hv, rows], m_s, bar_c)
             plgpu.copy_gmem_to_smem(v_ref.at[b, rows, hv], v_s, bar_c)
             plgpu.barrier_wait(bar)
-            rq, rk = _normalise_qk(q_s, k_s, scale=scale, l2norm=l2norm, dt=dt)
+            rk = _normalise(k_s, scale=1.0, l2norm=l2norm, dt=dt)     # warpgroup 1 normalises q meanwhile
             if l2norm:
-                rq_s[...] = rq
                 rk_s[...] = rk
-                plgpu.commit_smem()
-            plgpu.barrier_arrive(qk_ready)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(k_ready)
 
             gi = plgpu.load(g_r, layout=ROWS)
             gj = plgpu.load(g_c, layout=COLS)
@@ -480,6 +478,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
             ri = plgpu.load(run_r, layout=ROWS)
             rj = plgpu.load(run_c, layout=COLS)
             plgpu.barrier_wait(bar_b)
+            plgpu.barrier_wait(q_ready)
             qk, kk, dp = _mm_multi([([(q_s, k_s.T)], (C, C), None), ([(k_s, k_s.T)], (C, C), None),
                                     ([(do_s, vn_s.T)], (C, C), None)])
             ii, jj, strict, incl = _masks(ri, rj)
@@ -528,6 +527,10 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
 
         @pl.when(wg == 1)
         def _keys_and_queries():
+            plgpu.barrier_wait(bar)
+            rq = _normalise(q_s, scale=scale, l2norm=l2norm, dt=dt)
+            plgpu.commit_smem()
+            plgpu.barrier_arrive(q_ready)
             plgpu.barrier_wait(bar_b)
             plgpu.barrier_wait(bar_y)
             dkd, dqd = _mm_multi([([(vn_s, ds_s.T)], (C, K), None), ([(do_s, s_s.T)], (C, K), None)])
@@ -535,7 +538,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
                 sl = pl.ds(half * 64, 64)
                 sds_s[sl] = jnp.sum(plgpu.load(s_s.at[sl], layout=WGMMA).astype(F32)
                                     * plgpu.load(ds_s.at[sl], layout=WGMMA).astype(F32), axis=1)
-            plgpu.barrier_wait(qk_ready)              # (after warpgroup 0 waited for q, k and the gates)
+            plgpu.barrier_wait(k_ready)
             gci = plgpu.load(gci_r, layout=ROWS)      # qd = qn * gci
             kdec = plgpu.load(kdec_r, layout=ROWS)    # kd = kn * kdec
             bgci = plgpu.load(b_r, layout=ROWS) * gci   # Xk = kn * bgci
@@ -547,7 +550,6 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
             plgpu.barrier_wait(dpd_ready)
             dqn, dkn = _mm_multi([([(dpd_s, k_s)], (C, K), dqd * bcast_rows(gci, (C, K))),   # dqn = dPD kn + gci dqd
                                   ([(dpd_s.T, q_s)], (C, K), dkn)])                          # dkn += dPD^T qn
-            rq = plgpu.load(rq_s, layout=ROWS) if l2norm else None
             q_s[...] = _l2norm_bwd(dqn, plgpu.load(q_s, layout=WGMMA).astype(F32), rq, scale, l2norm).astype(dt)
             plgpu.commit_smem()
             if add_heads:
@@ -590,9 +592,9 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
     scratch = [smem((C, K), dt), smem((C, K), dt), smem((C, V), dt), smem((C, V), dt), smem((C, V), dt),
                smem((K, V), dt), smem((K, V), dt),
                smem((C, C), dt), smem((C, C), dt), smem((C, C), dt), smem((C, C), dt), smem((C, V), dt),
-               *[vec] * 15, plgpu.SMEM((K,), F32),
+               *[vec] * 14, plgpu.SMEM((K,), F32),
                plgpu.Barrier(num_arrivals=9), plgpu.Barrier(num_arrivals=2), plgpu.Barrier(num_arrivals=2),
-               plgpu.Barrier(num_arrivals=2), one, one, one, one, one, plgpu.Barrier(num_arrivals=2)]
+               plgpu.Barrier(num_arrivals=2), one, one, one, one, one, one, plgpu.Barrier(num_arrivals=2)]
     vt = jax.ShapeDtypeStruct((B, HV, Tp), F32)
     out_type = [jax.ShapeDtypeStruct((B, Tp, HV, V), dt), vt, vt, vt, vt, jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
     if not add_heads:
