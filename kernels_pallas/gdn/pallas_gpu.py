@@ -19,8 +19,8 @@ Layout of the computation (chunk C = 64 tokens, per batch b and value head hv):
 
 Backward (``jax.custom_vjp``): the forward also stores M, the state entering every chunk and v_new, and keeps the
 prep outputs; ``_state_bwd`` (reverse sequential) gives the gradient of the state leaving every chunk and of the
-initial state; ``_chunk_bwd`` (parallel per chunk) recomputes A and P, loads M, and gives dq, dk, dv, dbeta and
-the gate-gradient pieces, with dq, dk summed over the value heads of a key head by TMA adds in GMEM (at most two
+initial state; ``_chunk_bwd`` (parallel per chunk, two warpgroups) recomputes A and P, loads M, and gives dq, dk,
+dv, dbeta and the gate-gradient pieces (``dA = -dXv v_new^T``: no pass through the inverse), with dq, dk summed over the value heads of a key head by TMA adds in GMEM (at most two
 heads; XLA sums more); XLA takes the reverse cumsum for dg. Measurements:
 benchmarks/RESULTS.md and benchmarks/notes_gdn_gpu.md.
 """
