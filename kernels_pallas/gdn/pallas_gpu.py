@@ -525,6 +525,15 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
             plgpu.copy_smem_to_gmem(dgc_s, dgc_ref.at[b, hv, rows])
             plgpu.wait_smem_to_gmem(0)
 
+        def send(x_s, dx_ref, dxn, rx, x_scale):
+            """dq or dk from the gradient of the normalised tile, in place of the normalised tile, to GMEM."""
+            x_s[...] = _l2norm_bwd(dxn, plgpu.load(x_s, layout=WGMMA).astype(F32), rx, x_scale, l2norm).astype(dt)
+            plgpu.commit_smem()
+            if add_heads:
+                _add_to_gmem(x_s, dx_ref.at[b, rows, hk])
+            else:
+                plgpu.copy_smem_to_gmem(x_s, dx_ref.at[b, rows, hv])
+
         @pl.when(wg == 1)
         def _keys_and_queries():
             plgpu.barrier_wait(bar)
@@ -550,12 +559,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
             plgpu.barrier_wait(dpd_ready)
             dqn, dkn = _mm_multi([([(dpd_s, k_s)], (C, K), dqd * bcast_rows(gci, (C, K))),   # dqn = dPD kn + gci dqd
                                   ([(dpd_s.T, q_s)], (C, K), dkn)])                          # dkn += dPD^T qn
-            q_s[...] = _l2norm_bwd(dqn, plgpu.load(q_s, layout=WGMMA).astype(F32), rq, scale, l2norm).astype(dt)
-            plgpu.commit_smem()
-            if add_heads:
-                _add_to_gmem(q_s, dq_ref.at[b, rows, hk])
-            else:
-                plgpu.copy_smem_to_gmem(q_s, dq_ref.at[b, rows, hv])
+            send(q_s, dq_ref, dqn, rq, scale)
             plgpu.barrier_wait(dxv_ready)
             ndxk = mm([(v_s, s_s.T)], (C, K))                                  # -dXk = dXv S^T
             knf = plgpu.load(k_s, layout=WGMMA).astype(F32)
@@ -565,13 +569,7 @@ def _chunk_bwd(q, k, v, do, gc, beta, run, gci, kdec, hc, dsp, vn, m, *, scale, 
             dkn = dkn - ndxk * bcast_rows(bgci, (C, K))
             plgpu.barrier_wait(dkk_ready)
             dkn = mm([(dkk_s, k_s), (dkk_s.T, k_s)], (C, K), init=dkn)          # dkn += (dKK + dKK^T) kn
-            rk = plgpu.load(rk_s, layout=ROWS) if l2norm else None
-            k_s[...] = _l2norm_bwd(dkn, plgpu.load(k_s, layout=WGMMA).astype(F32), rk, 1.0, l2norm).astype(dt)
-            plgpu.commit_smem()
-            if add_heads:
-                _add_to_gmem(k_s, dk_ref.at[b, rows, hk])
-            else:
-                plgpu.copy_smem_to_gmem(k_s, dk_ref.at[b, rows, hv])
+            send(k_s, dk_ref, dkn, plgpu.load(rk_s, layout=ROWS) if l2norm else None, 1.0)
             plgpu.barrier_wait(part_ready)
             db1_s[...] = plgpu.load(db_s, layout=ROWS) + db
             dgr1_s[...] = plgpu.load(dgr_s, layout=ROWS) + dg_row
