@@ -18,6 +18,7 @@ from kernels_pallas.gdn.dispatch import PURE_JAX
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.layers import Linear, param
 from qwen3next_jax.norms import GatedRMSNorm
+from qwen3next_jax.sharding import per_shard
 
 
 class CausalConv1d(nnx.Module):
@@ -56,14 +57,33 @@ class GatedDeltaNet(nnx.Module):
         B, T, _ = x.shape
         nk, nv, dk, dv, r = self.nk, self.nv, self.dk, self.dv, self.r
         qkvz = self.in_proj_qkvz(x).reshape(B, T, nk, 2 * dk + 2 * r * dv)
-        q, k, v, z = split_conv(qkvz, self.conv1d.kernel[...].astype(qkvz.dtype), segment_ids, key_heads=nk,
-                                key_dim=dk, value_heads=nv, value_dim=dv, impl=self.conv_impl)
+        kernel = self.conv1d.kernel[...]                                     # [W, cat(q, k, v) channels]
+        W, nq = kernel.shape[0], nk * dk
+        taps = (kernel[:, :nq].reshape(W, nk, dk), kernel[:, nq:2 * nq].reshape(W, nk, dk),
+                kernel[:, 2 * nq:].reshape(W, nk, r * dv))                   # per key head, as the shards split them
         ba = self.in_proj_ba(x).reshape(B, T, nk, 2 * r)
-        b, a = ba[..., :r].reshape(B, T, nv), ba[..., r:].reshape(B, T, nv)   # value head j = key head j // r
+        b, a = ba[..., :r], ba[..., r:]                                      # [B, T, nk, r]: value head j = key head j // r
 
         beta = jax.nn.sigmoid(b)
-        g = -jnp.exp(self.A_log[...].astype(jnp.float32)) * jax.nn.softplus(
-            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32))  # log decay <= 0
-        o, _ = gated_delta_rule(q, k, v, g, beta, segment_ids=segment_ids, use_qk_l2norm=True, impl=self.gdn_impl)
-        o = self.norm(o.astype(self.dtype), z)                           # [B, T, nv, dv]
+        g = -jnp.exp(self.A_log[...].astype(jnp.float32).reshape(nk, r)) * jax.nn.softplus(
+            a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32).reshape(nk, r))  # log decay <= 0
+        # The conv and the op are Pallas kernels where they run: under a mesh, each device runs them on its own
+        # batch rows and key heads (every head axis here has nk entries, so all of them split alike).
+        heads = ("batch", None, "gdn_heads", None)
+        o, z = per_shard(self._conv_and_rule, in_axes=(heads, (("conv", "gdn_heads", None),) * 3, heads, heads,
+                                                       None if segment_ids is None else ("batch", None)),
+                         out_axes=(heads + (None,),) * 2)(qkvz, taps, g, beta, segment_ids)
+        o = self.norm(o.reshape(B, T, nv, dv).astype(self.dtype), z.reshape(B, T, nv, dv))   # [B, T, nv, dv]
         return self.out_proj(o.reshape(B, T, nv * dv))
+
+    def _conv_and_rule(self, qkvz, taps, g, beta, segment_ids):
+        """o and z [B, T, nk, r, dv] for the key heads of qkvz [B, T, nk, 2 dk + 2 r dv] (a shard's, under a mesh)."""
+        B, T, nk = qkvz.shape[:3]
+        dk, dv, r = self.dk, self.dv, self.r
+        # Cast here, not before: the taps' gradient is summed over the batch shards in the parameter's dtype.
+        kernel = jnp.concatenate([t.reshape(t.shape[0], -1) for t in taps], axis=1).astype(qkvz.dtype)
+        q, k, v, z = split_conv(qkvz, kernel, segment_ids, key_heads=nk, key_dim=dk, value_heads=nk * r,
+                                value_dim=dv, impl=self.conv_impl)
+        o, _ = gated_delta_rule(q, k, v, g.reshape(B, T, nk * r), beta.reshape(B, T, nk * r), segment_ids=segment_ids,
+                                use_qk_l2norm=True, impl=self.gdn_impl)
+        return o.reshape(B, T, nk, r, dv), z.reshape(B, T, nk, r, dv)

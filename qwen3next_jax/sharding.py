@@ -72,6 +72,40 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=RULES) -> P:
     return P(*spec)
 
 
+def per_shard(fn, in_axes, out_axes):
+    """`fn` run on each device's shard (jax.shard_map) under the context mesh (`jax.set_mesh`, `in_mesh`), for ops
+    XLA cannot partition: Pallas kernels are opaque custom calls, whose operands XLA would otherwise gather onto every
+    device.
+
+    in_axes / out_axes give each argument's / result's logical axis names (a pytree of tuples matching fn's
+    arguments / results; None for an argument that is None); RULES maps them to mesh axes, as for parameters, where
+    the axis divides the dimension. `fn` sees the per-shard shapes. Without a context mesh of several devices,
+    `fn` itself."""
+    def wrapped(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            return fn(*args)
+        out_shapes = jax.eval_shape(fn, *args)
+        is_axes = lambda x: isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
+        spec = lambda axes, x: logical_to_spec(axes, x.shape, mesh)
+        in_specs = tuple(None if a is None else jax.tree.map(spec, ax, a, is_leaf=is_axes)
+                         for ax, a in zip(in_axes, args))
+        out_specs = jax.tree.map(spec, out_axes, out_shapes, is_leaf=is_axes)
+        # check_vma=False: the kernels and the chunked op's scans are not annotated for shard_map's
+        # varying-across-devices types (a zero initial state is not "varying"); the specs say what varies.
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+    return wrapped
+
+
+def in_mesh(mesh: Mesh, fn):
+    """fn called with `mesh` as the context mesh, so that the per_shard ops inside see it when jit traces fn."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+    return call
+
+
 def _variable_axes(variable: nnx.Variable) -> tuple:
     axes = tuple(variable.get_metadata().get("logical_axes", ()))
     extra = len(variable.get_value().shape) - len(axes)

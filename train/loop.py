@@ -175,11 +175,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     batch_spec = shd.logical_to_spec(("batch", "seq"), (cfg.data.batch_size, cfg.data.seq_len), mesh)
     batch_sharding = NamedSharding(mesh, batch_spec)
-    step_fn = jax.jit(make_train_step(graphdef, rest, tx, cfg, lr_schedule),
-                      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-                      donate_argnums=(0,))
-    eval_fn = jax.jit(make_eval_step(graphdef, rest, cfg), in_shardings=(state_shardings["params"], batch_sharding),
-                      out_shardings=replicated)
+    # Traced with the mesh in context, so the Gated DeltaNet kernels run per shard (sharding.per_shard).
+    step_fn = shd.in_mesh(mesh, jax.jit(make_train_step(graphdef, rest, tx, cfg, lr_schedule),
+                                        in_shardings=(state_shardings, batch_sharding),
+                                        out_shardings=(state_shardings, replicated), donate_argnums=(0,)))
+    eval_fn = shd.in_mesh(mesh, jax.jit(make_eval_step(graphdef, rest, cfg),
+                                        in_shardings=(state_shardings["params"], batch_sharding),
+                                        out_shardings=replicated))
 
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = peak_flops(jax.devices()[0])
