@@ -62,7 +62,7 @@ class GatedDeltaNet(nnx.Module):
         taps = (kernel[:, :nq].reshape(W, nk, dk), kernel[:, nq:2 * nq].reshape(W, nk, dk),
                 kernel[:, 2 * nq:].reshape(W, nk, r * dv))                   # per key head, as the shards split them
         ba = self.in_proj_ba(x).reshape(B, T, nk, 2 * r)
-        b, a = ba[..., :r], ba[..., r:]                                      # [B, T, nk, r]: value head j = key head j // r
+        b, a = ba[..., :r], ba[..., r:]               # [B, T, nk, r]: value head j = key head j // r
 
         beta = jax.nn.sigmoid(b)
         g = -jnp.exp(self.A_log[...].astype(jnp.float32).reshape(nk, r)) * jax.nn.softplus(

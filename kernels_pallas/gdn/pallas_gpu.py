@@ -20,9 +20,9 @@ Layout of the computation (chunk C = 64 tokens, per batch b and value head hv):
 Backward (``jax.custom_vjp``): the forward also stores M, the state entering every chunk and v_new, and keeps the
 prep outputs; ``_state_bwd`` (reverse sequential) gives the gradient of the state leaving every chunk and of the
 initial state; ``_chunk_bwd`` (parallel per chunk, two warpgroups) recomputes A and P, loads M, and gives dq, dk,
-dv, dbeta and the gate-gradient pieces (``dA = -dXv v_new^T``: no pass through the inverse), with dq, dk summed over the value heads of a key head by TMA adds in GMEM (at most two
-heads; XLA sums more); XLA takes the reverse cumsum for dg. Measurements:
-benchmarks/RESULTS.md and benchmarks/notes_gdn_gpu.md.
+dv, dbeta and the gate-gradient pieces (``dA = -dXv v_new^T``: no pass through the inverse), with dq, dk summed
+over the value heads of a key head by TMA adds in GMEM (at most two heads; XLA sums more); XLA takes the reverse
+cumsum for dg. Measurements: benchmarks/RESULTS.md and benchmarks/notes_gdn_gpu.md.
 """
 from __future__ import annotations
 
@@ -648,8 +648,9 @@ def _pad_t(x, pad):
 
 def _forward(q, k, v, g, beta, h0, segment_ids, use_qk_l2norm, scale, training=False):
     """(o, final state); with training also the backward's residuals: q, k, v padded to whole chunks, the gate
-    vectors, the prep kernel's outputs with M, and the state entering every chunk with v_new. Keeping the prep outputs (about 1.3 KB per token and
-    value head, bf16) spares the backward a second prep pass; under remat they live only for one layer's backward."""
+    vectors, the prep kernel's outputs with M, and the state entering every chunk with v_new. Keeping the prep
+    outputs (about 1.3 KB per token and value head, bf16) spares the backward a second prep pass; under remat they
+    live only for one layer's backward."""
     B, T, H, K = q.shape
     HV = v.shape[2]
     pad = (-T) % C
