@@ -1,4 +1,4 @@
-"""The Gated DeltaNet input conv alone (kernels_pallas.conv.split_conv): forward and forward + backward of the Mosaic
+"""The Gated DeltaNet input conv alone (qwen3next_kernels.conv.split_conv): forward and forward + backward of the Mosaic
 GPU kernels against the plain-JAX form XLA compiles, at Qwen3-Next-80B-A3B's heads (16 key / 32 value heads of
 128, kernel 4), bf16, one document per row. Same timing method as gdn.py (median of 5 x 20 back-to-back calls after
 a warm-up). Writes $OUT/conv_bench.json.
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks.gdn import bench
-from kernels_pallas.conv import split_conv
+from qwen3next_kernels.conv import split_conv
 
 DIMS = dict(key_heads=16, key_dim=128, value_heads=32, value_dim=128)
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from qwen3next_jax import Qwen3NextConfig, Qwen3NextForCausalLM
-from train.losses import loss_and_metrics
+from qwen3next_train.losses import loss_and_metrics
 
 
 def run_combo(cfg, B, T, gdn_impl, attention_impl, moe_impl, seed=0):

@@ -57,10 +57,10 @@ def get_impl(name):
         return lambda q, k, v, g, beta: ops.linear_attention("gated_deltanet", q, k, v, g=g, beta=beta,
                                                              use_qk_l2norm=True, impl="mosaic_gpu")[0]
     if name == "pallas_gpu":
-        from kernels_pallas.gdn import pallas_gpu
+        from qwen3next_kernels.gdn import pallas_gpu
         return lambda q, k, v, g, beta: pallas_gpu.gated_delta_rule(q, k, v, g, beta)[0]
     if name == "chunked":
-        from kernels_pallas.gdn import gated_delta_rule
+        from qwen3next_kernels.gdn import gated_delta_rule
         return lambda q, k, v, g, beta: gated_delta_rule(q, k, v, g, beta, impl="chunked")[0]
     raise ValueError(name)
 
@@ -122,7 +122,7 @@ def main():
 
 def breakdown(B=8, T=4096):  # noqa: D401
     """Per-kernel times of the pallas_gpu forward and backward (ms), same timing method."""
-    from kernels_pallas.gdn import pallas_gpu as pg
+    from qwen3next_kernels.gdn import pallas_gpu as pg
     q, k, v, g, beta, do = inputs(B, T)
     K = q.shape[-1]
     scale = K ** -0.5

@@ -28,7 +28,7 @@ from qwen3next_jax.gated_deltanet import GatedDeltaNet
 from qwen3next_jax import moe
 from qwen3next_jax.moe import SparseMoE
 from qwen3next_jax.rope import rope_tables
-from train.losses import chunked_cross_entropy
+from qwen3next_train.losses import chunked_cross_entropy
 
 
 def module_step(module, x, *args):

@@ -24,10 +24,10 @@ from flax import nnx
 
 from qwen3next_jax import Qwen3NextForCausalLM
 from qwen3next_jax import sharding as shd
-from train.config import load_config
-from train.loop import make_train_step
-from train.metrics import flops_per_token, peak_flops
-from train.optim import make_optimizer, schedule
+from qwen3next_train.config import load_config
+from qwen3next_train.loop import make_train_step
+from qwen3next_train.metrics import flops_per_token, peak_flops
+from qwen3next_train.optim import make_optimizer, schedule
 
 
 def bench_one(preset: str, B: int, T: int, attention_impl: str | None, remat: str, gdn_impl: str, steps: int) -> dict:

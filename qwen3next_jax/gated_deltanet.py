@@ -2,7 +2,7 @@
 
 in_proj_qkvz is laid out per key head: [q (dk) | k (dk) | v (r heads x dv) | z (r heads x dv)] with r value heads per
 key head; in_proj_ba likewise [b (r) | a (r)]. Value head j belongs to key head j // r. A causal depthwise conv with
-SiLU runs over the channels cat(q, k, v); then the gated delta rule (kernels_pallas.gdn) and a gated RMSNorm with z.
+SiLU runs over the channels cat(q, k, v); then the gated delta rule (qwen3next_kernels.gdn) and a gated RMSNorm with z.
 With packed documents both the conv window and the recurrent state restart at each document.
 """
 
@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.conv import split_conv
-from kernels_pallas.gdn import gated_delta_rule
-from kernels_pallas.gdn.dispatch import PURE_JAX
+from qwen3next_kernels.conv import split_conv
+from qwen3next_kernels.gdn import gated_delta_rule
+from qwen3next_kernels.gdn.dispatch import PURE_JAX
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.layers import Linear, param
 from qwen3next_jax.norms import GatedRMSNorm
@@ -23,7 +23,7 @@ from qwen3next_jax.sharding import per_shard
 
 class CausalConv1d(nnx.Module):
     """The taps of the depthwise conv over cat(q, k, v): kernel [W, C], torch's conv1d weight [C, 1, W] transposed.
-    kernels_pallas.conv.split_conv runs the conv."""
+    qwen3next_kernels.conv.split_conv runs the conv."""
 
     def __init__(self, kernel_size: int, channels: int, *, rngs: nnx.Rngs, param_dtype, std: float):
         self.kernel = param(rngs, (kernel_size, channels), param_dtype, ("conv", "gdn_heads"), std=std)

@@ -40,7 +40,7 @@ class Qwen3NextForCausalLM(nnx.Module):
     """Qwen3-Next with its LM head and multi-token prediction.
 
     dtype is the compute dtype, param_dtype the storage dtype of the weights. gdn_impl picks the Gated DeltaNet
-    implementation (see kernels_pallas.gdn); attention_impl is passed to jax.nn.dot_product_attention; moe_impl
+    implementation (see qwen3next_kernels.gdn); attention_impl is passed to jax.nn.dot_product_attention; moe_impl
     picks the experts' grouped matmul (see moe.Experts); remat is
     one of decoder.REMAT_POLICIES. segment_ids (int, 0 = padding) mark packed documents; positions default to
     0.. within each document.

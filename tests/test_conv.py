@@ -1,4 +1,4 @@
-"""The Gated DeltaNet input conv (kernels_pallas.conv): the plain-JAX form against a per-channel loop written from
+"""The Gated DeltaNet input conv (qwen3next_kernels.conv): the plain-JAX form against a per-channel loop written from
 the definition, and the Mosaic GPU kernels, forward and gradients, against the plain-JAX form: in the GPU
 interpreter on CPU (logic) and on an H100 (marked gpu)."""
 import jax
@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.conv import reference_split_conv, split_conv
-from kernels_pallas.conv.reference import split
+from qwen3next_kernels.conv import reference_split_conv, split_conv
+from qwen3next_kernels.conv.reference import split
 
 W = 4
 
@@ -68,7 +68,7 @@ def test_bad_shapes_name_what_is_wrong():
 
 def check_kernel(B, T, nk, dk, nv, dv, docs, seed=0, tol=1e-2):
     """The kernels in bf16 against the plain-JAX form in fp32 on the same bf16 inputs: outputs, d qkvz, d kernel."""
-    from kernels_pallas.conv import pallas_gpu
+    from qwen3next_kernels.conv import pallas_gpu
     qkvz, kernel, seg, dims = make(B, T, nk, dk, nv, dv, seed=seed, docs=docs)
     assert pallas_gpu.supports(qkvz, kernel, seg, **dims)
     outs, vjp = jax.vjp(lambda x, w: pallas_gpu.split_conv(x, w, seg, **dims), qkvz, kernel)
@@ -87,7 +87,7 @@ def check_kernel(B, T, nk, dk, nv, dv, docs, seed=0, tol=1e-2):
 def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch):
     """T not a multiple of the 64-token tile, packed documents with short ones, GVA 2, blocks of 64 channels."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    from kernels_pallas import mgpu
+    from qwen3next_kernels import mgpu
     monkeypatch.setattr(mgpu, "INTERPRET", plgpu.InterpretGPUParams())
     check_kernel(1, 100, 2, 64, 4, 64, docs=True)
 
@@ -104,7 +104,7 @@ def test_kernels_on_the_gpu(B, T, nk, dk, nv, dv, docs):
 
 @pytest.mark.gpu
 def test_auto_picks_the_kernel_on_hopper():
-    from kernels_pallas.conv import pallas_gpu
+    from qwen3next_kernels.conv import pallas_gpu
     qkvz, kernel, seg, dims = make(1, 64, 2, 128, 4, 128)
     assert pallas_gpu.supports(qkvz, kernel, seg, **dims)
     a = split_conv(qkvz, kernel, seg, **dims)

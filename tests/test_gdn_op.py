@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.gdn import dispatch, gated_delta_rule
+from qwen3next_kernels.gdn import dispatch, gated_delta_rule
 
 K_DIM = V_DIM = 16
 

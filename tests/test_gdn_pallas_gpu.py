@@ -83,7 +83,7 @@ def rel(a, b):
 def check_against_recurrence(q, k, v, g, beta, h0, seg, *, tol, grad_tol, seed, jit=True, **options):
     """Output, final state and all six gradients (of a random linear function of both) of the kernel against the
     fp32 token-by-token recurrence; relative errors below tol (values) and grad_tol (gradients)."""
-    from kernels_pallas.gdn import pallas_gpu
+    from qwen3next_kernels.gdn import pallas_gpu
     kw = jax.random.split(jax.random.PRNGKey(seed), 2)
     wo = jax.random.normal(kw[0], v.shape)
     ws = jax.random.normal(kw[1], h0.shape)
@@ -125,7 +125,7 @@ CASES = [
 @gpu
 @pytest.mark.parametrize("B,T,H,HV,K,V,n_docs,use_h0", CASES)
 def test_forward_matches_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
-    from kernels_pallas.gdn import pallas_gpu
+    from qwen3next_kernels.gdn import pallas_gpu
     q, k, v, g, beta, h0, seg = make(B, T, H, HV, K, V, n_docs=n_docs)
     h0 = h0 if use_h0 else None
     assert pallas_gpu.supports(q, k, v, g, beta, initial_state=h0, segment_ids=seg)
@@ -158,7 +158,7 @@ def test_options_without_l2norm_and_custom_scale(l2norm, scale):
 
 @gpu
 def test_dispatch_auto_picks_the_kernel():
-    import kernels_pallas.gdn as gdn
+    import qwen3next_kernels.gdn as gdn
     q, k, v, g, beta, h0, seg = make(1, 130, 1, 2, 128, 128, n_docs=2)
     o1, s1 = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=seg, impl="auto")
     o2, s2 = gdn.gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=seg, impl="pallas_gpu")
@@ -167,7 +167,7 @@ def test_dispatch_auto_picks_the_kernel():
 
 @gpu
 def test_supports_predicate():
-    from kernels_pallas.gdn import pallas_gpu
+    from qwen3next_kernels.gdn import pallas_gpu
     q, k, v, g, beta, h0, seg = make(1, 64, 1, 2, 128, 128)
     assert pallas_gpu.supports(q, k, v, g, beta)
     assert not pallas_gpu.supports(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), g, beta)
@@ -200,7 +200,7 @@ def test_kernels_in_the_gpu_interpreter_on_cpu(monkeypatch, H, HV, K, V, correla
     with random keys and with correlated keys at weak decay (see test_correlated_keys_and_weak_decay), for GVA
     ratios 2, 1 and 3, and head dim 256 (value slices of 64)."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
-    from kernels_pallas import mgpu
+    from qwen3next_kernels import mgpu
     monkeypatch.setattr(mgpu, "INTERPRET", plgpu.InterpretGPUParams())
     q, k, v, g, beta, h0, seg = make(1, 100, H, HV, K, V, n_docs=2, seed=4, correlated=correlated)
     check_against_recurrence(q, k, v, g, beta, h0, seg, tol=tol, grad_tol=grad_tol, seed=8, jit=False)

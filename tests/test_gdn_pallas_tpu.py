@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.gdn import gated_delta_rule, pallas_tpu
+from qwen3next_kernels.gdn import gated_delta_rule, pallas_tpu
 
 
 def make_inputs(seed, T, H=1, ratio=1, K=64, V=64, decay=0.1, init=False, dtype=jnp.float32):

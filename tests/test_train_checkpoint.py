@@ -8,9 +8,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen3next_jax.sharding import make_mesh
-from train.checkpoint import Checkpoints
-from train.config import CheckpointConfig, DataConfig
-from train.data import ByteTokenizer, train_and_val
+from qwen3next_train.checkpoint import Checkpoints
+from qwen3next_train.config import CheckpointConfig, DataConfig
+from qwen3next_train.data import ByteTokenizer, train_and_val
 
 
 def _data_iter(tmp_path):

@@ -1,8 +1,8 @@
 """The trainer's config: one schema filled from YAML, gin and the command line; bad keys and values are named."""
 import pytest
 
-from train.config import ConfigError, load_config
-from train.__main__ import main
+from qwen3next_train.config import ConfigError, load_config
+from qwen3next_train.__main__ import main
 
 
 def test_defaults_presets_and_precedence(tmp_path):

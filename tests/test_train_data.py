@@ -5,8 +5,8 @@ import re
 import numpy as np
 import pytest
 
-from train.config import DataConfig
-from train.data import BYTE_EOS, ByteTokenizer, Documents, HFTokenizer, packed_batches, split_documents, train_and_val
+from qwen3next_train.config import DataConfig
+from qwen3next_train.data import BYTE_EOS, ByteTokenizer, Documents, HFTokenizer, packed_batches, split_documents, train_and_val
 
 TEXTS = [f"document number {i}: " + "abc " * (i % 7) for i in range(40)]
 
@@ -38,7 +38,7 @@ def corpus(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet", "array_record"])
 def test_every_format_reads_the_same_documents(corpus, fmt):
-    from train.data import expand_sources
+    from qwen3next_train.data import expand_sources
 
     docs = Documents(expand_sources([corpus[fmt]]), "text")
     assert sorted(docs[i] for i in range(len(docs))) == sorted(TEXTS)

@@ -6,9 +6,9 @@ import orbax.checkpoint as ocp
 import yaml
 from safetensors.numpy import load_file
 
-from train import loop
-from train.checkpoint import Checkpoints
-from train.config import CheckpointConfig, load_config
+from qwen3next_train import loop
+from qwen3next_train.checkpoint import Checkpoints
+from qwen3next_train.config import CheckpointConfig, load_config
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "tiny_mtp")
 

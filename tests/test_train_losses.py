@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.losses import chunked_cross_entropy, shifted_targets
+from qwen3next_train.losses import chunked_cross_entropy, shifted_targets
 
 
 def test_chunked_cross_entropy_matches_full_logits():

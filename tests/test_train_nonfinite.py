@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from train import loop
-from train.config import load_config
+from qwen3next_train import loop
+from qwen3next_train.config import load_config
 
 
 def test_nan_step_is_skipped_and_a_run_of_them_stops(tmp_path, monkeypatch):

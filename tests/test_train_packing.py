@@ -13,9 +13,9 @@ import numpy as np
 from flax import nnx
 
 from qwen3next_jax import Qwen3NextForCausalLM
-from train import losses
-from train.config import load_config
-from train.data import ByteTokenizer, Documents, packed_batches
+from qwen3next_train import losses
+from qwen3next_train.config import load_config
+from qwen3next_train.data import ByteTokenizer, Documents, packed_batches
 
 TEXTS = ["def f(x):\n    return x", "import os", "class A:\n    pass\n", "print(1 + 2)", "a = [i for i in b]",
          "# a comment", "while True:\n    break", "x = {'k': 1}"]

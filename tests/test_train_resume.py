@@ -15,7 +15,7 @@ TIMING = {"step_time", "tokens_per_s_per_device", "mfu"}
 
 
 def _cmd(out_dir, name):
-    return [sys.executable, "-m", "train", "--config", "configs/smoke.yaml", "train.steps=40", "checkpoint.every=5",
+    return [sys.executable, "-m", "qwen3next_train", "--config", "configs/smoke.yaml", "train.steps=40", "checkpoint.every=5",
             "checkpoint.keep=2", "train.eval_every=10", f"train.out_dir={out_dir}", f"train.name={name}"]
 
 

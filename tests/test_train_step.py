@@ -7,9 +7,9 @@ import optax
 from flax import nnx
 
 from qwen3next_jax import Qwen3NextForCausalLM
-from train.config import load_config
-from train.loop import make_train_step
-from train.optim import decay_mask, schedule
+from qwen3next_train.config import load_config
+from qwen3next_train.loop import make_train_step
+from qwen3next_train.optim import decay_mask, schedule
 
 
 def test_grad_accumulation_matches_one_batch():

@@ -1,4 +1,4 @@
-"""`qwen3next-train --config configs/tiny.yaml [--gin file.gin ...] [section.field=value ...]` (or python -m train)."""
+"""`qwen3next-train --config configs/tiny.yaml [--gin file.gin ...] [section.field=value ...]` (or python -m qwen3next_train)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from train.config import ConfigError, load_config
+from qwen3next_train.config import ConfigError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     from qwen3next_jax.platforms import skip_absent_tpu
-    from train.loop import train  # after the config is known good: importing JAX takes a while
+    from qwen3next_train.loop import train  # after the config is known good: importing JAX takes a while
 
     skip_absent_tpu()
 

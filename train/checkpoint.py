@@ -21,7 +21,7 @@ from typing import Any
 import grain
 import orbax.checkpoint as ocp
 
-from train.config import CheckpointConfig
+from qwen3next_train.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 

@@ -92,7 +92,7 @@ class RunConfig:
     compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
     remat: Literal["none", "full", "dots"] = "none"
-    gdn_impl: str = "auto"  # the Gated DeltaNet kernel (kernels_pallas.gdn dispatch)
+    gdn_impl: str = "auto"  # the Gated DeltaNet kernel (qwen3next_kernels.gdn dispatch)
     attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn"
     log_every: int = 10  # progress-bar refresh and TensorBoard; metrics.jsonl gets every step
     eval_every: int = 50  # validation every N steps (and at the end); 0 disables it

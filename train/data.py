@@ -31,7 +31,7 @@ import grain
 from absl import flags
 import numpy as np
 
-from train.config import DataConfig
+from qwen3next_train.config import DataConfig
 
 BYTE_VOCAB = 257  # bytes 0..255 and the end-of-document token 256
 BYTE_EOS = 256

@@ -26,12 +26,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen3next_jax import Qwen3NextForCausalLM
 from qwen3next_jax import sharding as shd
-from train import losses
-from train.checkpoint import Checkpoints
-from train.config import TrainConfig
-from train.data import make_tokenizer, train_and_val
-from train.metrics import MetricsLog, flops_per_token, peak_flops
-from train.optim import make_optimizer, schedule
+from qwen3next_train import losses
+from qwen3next_train.checkpoint import Checkpoints
+from qwen3next_train.config import TrainConfig
+from qwen3next_train.data import make_tokenizer, train_and_val
+from qwen3next_train.metrics import MetricsLog, flops_per_token, peak_flops
+from qwen3next_train.optim import make_optimizer, schedule
 
 log = logging.getLogger(__name__)
 

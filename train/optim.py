@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import optax
 
-from train.config import OptimConfig
+from qwen3next_train.config import OptimConfig
 
 # A parameter is exempt from weight decay when any name on its path matches: every norm of the model (RMSNorm and
 # gated RMSNorm weights, q_norm / k_norm, MTP norms), biases, and the Gated DeltaNet decay parameters.

@@ -1,13 +1,13 @@
 """The one entry point of the Gated DeltaNet input conv and the choice of implementation behind it."""
 import jax
 
-from kernels_pallas.conv.reference import check_shapes, reference_split_conv
+from qwen3next_kernels.conv.reference import check_shapes, reference_split_conv
 
 IMPLS = ("auto", "xla", "pallas_gpu")
 
 
 def _pallas_gpu():
-    from kernels_pallas.conv import pallas_gpu
+    from qwen3next_kernels.conv import pallas_gpu
     return pallas_gpu
 
 

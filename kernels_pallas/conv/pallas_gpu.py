@@ -33,9 +33,9 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from kernels_pallas import mgpu
-from kernels_pallas.conv.reference import tap_masks
-from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, iota, mm, smem
+from qwen3next_kernels import mgpu
+from qwen3next_kernels.conv.reference import tap_masks
+from qwen3next_kernels.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, iota, mm, smem
 
 TT = 64     # tokens per CTA
 HALO = 8    # rows loaded before (and in the backward after) a CTA's tokens; taps reach W - 1 <= HALO rows back

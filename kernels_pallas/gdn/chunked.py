@@ -18,7 +18,7 @@ chunk's final state for doc_j == doc_last, and the carried-in state into the fin
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.gdn.reference import HIGHEST, document_starts, prepare_inputs
+from qwen3next_kernels.gdn.reference import HIGHEST, document_starts, prepare_inputs
 
 
 def _masked_exp(x, keep):

@@ -15,8 +15,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.gdn.chunked import chunked_gated_delta_rule
-from kernels_pallas.gdn.reference import reference_gated_delta_rule
+from qwen3next_kernels.gdn.chunked import chunked_gated_delta_rule
+from qwen3next_kernels.gdn.reference import reference_gated_delta_rule
 
 
 class Kernel(NamedTuple):
@@ -25,8 +25,8 @@ class Kernel(NamedTuple):
 
 
 KERNELS = {  # in order of preference for impl="auto"
-    "pallas_tpu": Kernel("kernels_pallas.gdn.pallas_tpu", "tpu"),
-    "pallas_gpu": Kernel("kernels_pallas.gdn.pallas_gpu", "gpu"),
+    "pallas_tpu": Kernel("qwen3next_kernels.gdn.pallas_tpu", "tpu"),
+    "pallas_gpu": Kernel("qwen3next_kernels.gdn.pallas_gpu", "gpu"),
 }
 PURE_JAX = {"reference": reference_gated_delta_rule, "chunked": chunked_gated_delta_rule}
 

@@ -36,8 +36,8 @@ from jax import lax
 import jax.experimental.pallas as pl
 import jax.experimental.pallas.mosaic_gpu as plgpu
 
-from kernels_pallas import mgpu
-from kernels_pallas.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, iota, mm, smem
+from qwen3next_kernels import mgpu
+from qwen3next_kernels.mgpu import COLS, ROWS, WGMMA, bcast_cols, bcast_rows, iota, mm, smem
 
 C = 64
 LOG2E = math.log2(math.e)

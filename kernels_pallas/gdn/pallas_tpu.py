@@ -48,7 +48,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels_pallas.gdn.reference import document_starts
+from qwen3next_kernels.gdn.reference import document_starts
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NORM_EPS = 1e-6
