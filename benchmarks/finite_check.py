@@ -22,12 +22,14 @@ import numpy as np
 from flax import nnx
 
 from qwen3next_jax import Qwen3NextConfig, Qwen3NextForCausalLM
+from qwen3next_jax.execution import Execution
 from qwen3next_train.losses import loss_and_metrics
 
 
 def run_combo(cfg, B, T, gdn_impl, attention_impl, moe_impl, seed=0):
-    model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed), dtype=jnp.bfloat16, param_dtype=jnp.float32,
-                                 gdn_impl=gdn_impl, attention_impl=attention_impl, moe_impl=moe_impl, remat="dots")
+    execution = Execution(compute_dtype="bfloat16", remat="dots", gdn=gdn_impl, attention=attention_impl,
+                          moe=moe_impl)
+    model = Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(seed), execution=execution)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rng = np.random.default_rng(seed)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, T)), jnp.int32)
@@ -49,11 +51,11 @@ def run_combo(cfg, B, T, gdn_impl, attention_impl, moe_impl, seed=0):
     @jax.jit
     def layer_outputs(p):
         m = nnx.merge(graphdef, p, rest)
-        rope, token_mask = m._context(ids, batch["segment_ids"], batch["positions"])
+        ctx = m._context(ids, batch["segment_ids"], batch["positions"])
         x = m.model.embed_tokens(ids)
         outs = [x]
         for i in range(cfg.num_hidden_layers):
-            x, _ = m.model.layers.layer(i)(x, rope, batch["segment_ids"], token_mask)
+            x, _ = m.model.layers.layer(i)(x, ctx)
             outs.append(x)
         logits = m.logits(m.model.norm(x)[:, :64])
         return [jnp.all(jnp.isfinite(o)) for o in outs], [jnp.max(jnp.abs(o.astype(jnp.float32))) for o in outs], logits
@@ -84,7 +86,7 @@ def main():
     for gdn, att, moe in itertools.product(a.gdn.split(","), a.attention.split(","), a.moe.split(",")):
         key = f"gdn={gdn} attention={att} moe={moe}"
         try:
-            r, logits = run_combo(cfg, B, T, gdn, None if att == "xla" else att, moe)
+            r, logits = run_combo(cfg, B, T, gdn, att, moe)
             if ref_logits is None:
                 ref_logits = logits
             else:

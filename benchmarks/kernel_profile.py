@@ -57,19 +57,21 @@ def profile(step, args, calls):
 
 
 def mixer_step(preset, B, T, conv_impl="auto"):
+    from qwen3next_kernels.registry import Platform
     """Forward + backward of the model's whole Gated DeltaNet mixer (projections, causal conv with conv_impl, gates,
     the op with impl="auto", gated norm, output projection) in bf16 with fp32 parameters, as a training step runs
     it."""
     from flax import nnx
     import jax.numpy as jnp
-    from benchmarks.layer_breakdown import module_step
+    from benchmarks.layer_breakdown import bench_context, module_step
     from qwen3next_jax import Qwen3NextConfig
+    from qwen3next_jax.execution import Execution
     from qwen3next_jax.gated_deltanet import GatedDeltaNet
     cfg = Qwen3NextConfig.preset(preset)
-    module = GatedDeltaNet(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    module.conv_impl = conv_impl
+    module = GatedDeltaNet(cfg, rngs=nnx.Rngs(0), execution=Execution(compute_dtype="bfloat16", conv=conv_impl),
+                           platform=Platform.current())
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
-    return module_step(module, x, jnp.ones((B, T), jnp.int32))
+    return module_step(module, x, bench_context(cfg, B, T))
 
 
 def main():

@@ -8,7 +8,6 @@ LM head with chunked cross entropy. Writes $OUT/layer_breakdown.json.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -24,32 +23,38 @@ from flax import nnx
 from benchmarks.gdn import bench
 from qwen3next_jax import Qwen3NextConfig
 from qwen3next_jax.attention import GatedAttention
+from qwen3next_jax.execution import Execution
 from qwen3next_jax.gated_deltanet import GatedDeltaNet
-from qwen3next_jax import moe
+from qwen3next_jax.interface import Context
 from qwen3next_jax.moe import SparseMoE
 from qwen3next_jax.rope import rope_tables
-from qwen3next_train.losses import chunked_cross_entropy
+from qwen3next_kernels.registry import FAMILIES, Platform
 
 
-def module_step(module, x, *args):
-    """(jit of the gradient of sum(module(x, *args)) w.r.t. its parameters and x, its arguments (params, x))."""
+def bench_context(cfg, B, T, dtype=jnp.bfloat16) -> Context:
+    """One document a row, as the train-step benchmark feeds it."""
+    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return Context(rope_tables(cfg, pos, dtype), jnp.ones((B, T), jnp.int32), jnp.ones((B, T), bool))
+
+
+def module_step(module, x, ctx):
+    """(jit of the gradient of sum(block(x, ctx)) w.r.t. its parameters and x, its arguments (params, x))."""
     graphdef, params = nnx.split(module)
 
     @jax.jit
     def step(params, x):
         def f(params, x):
-            out = nnx.merge(graphdef, params)(x, *args)
-            out = out[0] if isinstance(out, tuple) else out
+            out, _ = nnx.merge(graphdef, params)(x, ctx)
             return jnp.sum(out.astype(jnp.float32))
         return jax.grad(f, argnums=(0, 1))(params, x)
 
     return step, (params, x)
 
 
-def time_fwd_bwd(module, *args):
-    """ms of forward + backward of sum(module(x, *args)) w.r.t. its parameters and x (the first argument)."""
+def time_fwd_bwd(module):
+    """ms of forward + backward of sum(block(x, ctx)) w.r.t. its parameters and x."""
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
-    step, step_args = module_step(module, x, *args)
+    step, step_args = module_step(module, x, bench_context(cfg, B, T))
     return bench(step, *step_args, n=10, reps=3)
 
 
@@ -61,36 +66,32 @@ def main():
     ap.add_argument("--gdn", default="auto,chunked")
     ap.add_argument("--attention", default="xla,cudnn")
     ap.add_argument("--moe", default="auto")
-    ap.add_argument("--moe-tiles", default="", help="row tiles of moe.tiled_grouped_matmul to time (default: its own)")
+    ap.add_argument("--loss", default="auto")
     a = ap.parse_args()
     B, T = map(int, a.shape.split("x"))
     cfg = Qwen3NextConfig.preset(a.preset)
-    kw = dict(rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
-    seg = jnp.ones((B, T), jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    rope = rope_tables(cfg, pos, jnp.bfloat16)
+    here = Platform.current()
+    kw = lambda **choice: dict(rngs=nnx.Rngs(0), platform=here,
+                               execution=Execution(compute_dtype="bfloat16", param_dtype="float32", **choice))
     res = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d %H:%M"),
            "command": " ".join(sys.argv)}
-    jobs = [(f"gdn_{i}", lambda i=i: time_fwd_bwd(GatedDeltaNet(cfg, gdn_impl=i, **kw), seg)) for i in a.gdn.split(",")]
-    jobs += [(f"attention_{i}", lambda i=i: time_fwd_bwd(GatedAttention(cfg, attention_impl=None if i == "xla" else i,
-                                                                         **kw), rope, seg))
+    jobs = [(f"gdn_{i}", lambda i=i: time_fwd_bwd(GatedDeltaNet(cfg, **kw(gdn=i)))) for i in a.gdn.split(",")]
+    jobs += [(f"attention_{i}", lambda i=i: time_fwd_bwd(GatedAttention(cfg, **kw(attention=i))))
              for i in a.attention.split(",")]
-    def moe_job(impl, tile):
-        moe.GROUPED_MATMULS["tiled"] = functools.partial(moe.tiled_grouped_matmul, tile=int(tile) if tile else None)
-        return time_fwd_bwd(SparseMoE(cfg, moe_impl=impl, **kw), seg != 0)
+    jobs += [(f"moe_{i}", lambda i=i: time_fwd_bwd(SparseMoE(cfg, **kw(moe=i)))) for i in a.moe.split(",")]
 
-    jobs += [(f"moe_{i}_tile{t or 'auto'}", lambda i=i, t=t: moe_job(i, t))
-             for i in a.moe.split(",") for t in a.moe_tiles.split(",")]
-
-    def head_loss():
+    def head_loss(impl):
         w = jax.random.normal(jax.random.key(2), (cfg.hidden_size, cfg.vocab_size), jnp.float32) * 0.02
         targets = jax.random.randint(jax.random.key(3), (B, T), 0, cfg.vocab_size)
         x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
-        f = jax.jit(jax.grad(lambda x, w: jnp.sum(chunked_cross_entropy(x, w.astype(jnp.bfloat16), targets, 4096)[0]),
+        name = FAMILIES["loss"].resolve(impl, dict(hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype="bfloat16"),
+                                        here)
+        ce = FAMILIES["loss"].function(name)
+        f = jax.jit(jax.grad(lambda x, w: jnp.sum(ce(x, w.astype(jnp.bfloat16), targets, chunk_tokens=4096)[0]),
                              argnums=(0, 1)))
         return bench(f, x, w, n=10, reps=3)
 
-    jobs.append(("lm_head_ce", head_loss))
+    jobs += [(f"lm_head_ce_{i}", lambda i=i: head_loss(i)) for i in a.loss.split(",")]
     for name, job in jobs:
         try:
             res[name + "_ms"] = job()

@@ -20,10 +20,12 @@ import numpy as np
 from flax import nnx
 
 from benchmarks.gdn import bench
-from benchmarks.layer_breakdown import module_step
+from benchmarks.layer_breakdown import bench_context, module_step
 from qwen3next_jax import Qwen3NextConfig
 from qwen3next_jax import sharding as shd
+from qwen3next_jax.execution import Execution
 from qwen3next_jax.gated_deltanet import GatedDeltaNet
+from qwen3next_kernels.registry import Platform
 
 
 def main():
@@ -35,9 +37,10 @@ def main():
     B, T = map(int, a.shape.split("x"))
     n = jax.device_count()
     cfg = Qwen3NextConfig.preset(a.preset)
-    make = lambda: GatedDeltaNet(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32)
+    make = lambda: GatedDeltaNet(cfg, rngs=nnx.Rngs(0), execution=Execution(compute_dtype="bfloat16"),
+                                 platform=Platform.current())
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.hidden_size), jnp.bfloat16)
-    seg = jnp.ones((B, T), jnp.int32)
+    ctx = bench_context(cfg, B, T)
     res = {"devices": n, "device": jax.devices()[0].device_kind, "jax": jax.__version__, "preset": a.preset,
            "shape": a.shape, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
 
@@ -46,7 +49,8 @@ def main():
     grads = {}
     for name in ("xla_partitioned", "per_shard"):
         module = shd.create_sharded(make, mesh)
-        step, (params, _) = module_step(module, xs, jax.device_put(seg, jax.NamedSharding(mesh, jax.P("data"))))
+        ctx_s = jax.tree.map(lambda a: jax.device_put(a, jax.NamedSharding(mesh, jax.P("data"))), ctx)
+        step, (params, _) = module_step(module, xs, ctx_s)
         if name == "per_shard":
             step = shd.in_mesh(mesh, step)
             with jax.set_mesh(mesh):
@@ -58,7 +62,7 @@ def main():
                      + hlo.count(" all-gather-start(")}
         print(name, res[name], flush=True)
     one = make()
-    step, args = module_step(one, x, seg)
+    step, args = module_step(one, x, ctx)
     want = jax.block_until_ready(step(*args))   # the whole batch on one GPU: the reference
     for name, got in grads.items():
         diffs = {}
@@ -66,7 +70,7 @@ def main():
             w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
             diffs[jax.tree_util.keystr(path)] = float(np.linalg.norm(g - w) / (np.linalg.norm(w) + 1e-30))
         res[name]["largest_rel_grad_differences_from_one_gpu"] = dict(sorted(diffs.items(), key=lambda d: -d[1])[:3])
-    step, args = module_step(one, x[:B // n], seg[:B // n])
+    step, args = module_step(one, x[:B // n], jax.tree.map(lambda a: a[:B // n], ctx))
     res["one_gpu_its_share"] = {"ms": bench(step, *args, n=10, reps=3)}
     print(json.dumps(res, indent=1))
     with open(os.path.join(a.out, "sharded_mixer.json"), "w") as f:

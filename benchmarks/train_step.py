@@ -30,13 +30,13 @@ from qwen3next_train.metrics import flops_per_token, peak_flops
 from qwen3next_train.optim import make_optimizer, schedule
 
 
-def bench_one(preset: str, B: int, T: int, attention_impl: str | None, remat: str, gdn_impl: str, steps: int) -> dict:
+def bench_one(preset: str, B: int, T: int, attention_impl: str, remat: str, gdn_impl: str, steps: int) -> dict:
     cfg = load_config(None, [f"model.preset={preset}", f"data.seq_len={T}", f"data.batch_size={B}",
-                             f"train.remat={remat}", f"train.gdn_impl={gdn_impl}"])
+                             f"execution.remat={remat}", f"execution.gdn={gdn_impl}",
+                             f"execution.attention={attention_impl}"])
     mesh = shd.make_mesh(data=-1)
-    model = shd.create_sharded(lambda: Qwen3NextForCausalLM(
-        cfg.model, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, gdn_impl=gdn_impl,
-        attention_impl=attention_impl, remat=remat), mesh)
+    model = shd.create_sharded(lambda: Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0), execution=cfg.execution),
+                               mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg.optim, 1000)
     state = dict(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
@@ -86,7 +86,7 @@ def main():
         for variant in args.variants.split(","):
             key = f"B{B}_T{T}_{variant}_remat-{args.remat}"
             try:
-                results[key] = bench_one(args.preset, B, T, None if variant == "xla" else variant, args.remat, args.gdn_impl,
+                results[key] = bench_one(args.preset, B, T, variant, args.remat, args.gdn_impl,
                                          args.steps)
             except Exception as e:  # record and go on to the next variant
                 traceback.print_exc()

@@ -1,9 +1,8 @@
 """What the Mosaic GPU (Hopper) kernels share: swizzled SMEM tiles, the WGMMA register layouts and their row /
-column broadcasts, the device check, and the kernel builder, which runs every kernel through Pallas' GPU interpreter
+column broadcasts, and the kernel builder, which runs every kernel through Pallas' GPU interpreter
 when INTERPRET is set (the CPU tests set it; the interpreter checks indexing and algebra, not the GPU lowering)."""
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 import jax.experimental.pallas as pl
@@ -33,16 +32,6 @@ def bcast_rows(vec, shape):
 def bcast_cols(vec, shape):
     """A [cols] vector broadcast along the rows of a tile."""
     return lax.broadcast_in_dim(vec, shape, [1])
-
-
-def on_hopper():
-    """True where the kernels can run: the interpreter, or a default backend that is an sm_90 GPU."""
-    if INTERPRET is not None:
-        return True
-    try:
-        return jax.default_backend() == "gpu" and getattr(jax.devices()[0], "compute_capability", None) == "9.0"
-    except RuntimeError:
-        return False
 
 
 def kernel(body, *, name, out_type, scratch, grid, grid_names, num_threads=None):

@@ -23,6 +23,7 @@ export writes one shard at a time. A tqdm bar shows progress.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -34,6 +35,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from qwen3next_jax import hf_io
+from qwen3next_jax.execution import Execution
 
 DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "float32": jnp.float32,
           "f32": jnp.float32, "fp16": jnp.float16, "float16": jnp.float16}
@@ -72,15 +74,18 @@ def save_orbax_params(model, directory: str | os.PathLike) -> None:
             f.write("\n")
 
 
-def load_orbax_params(directory: str | os.PathLike, dtype=None, mesh=None, **model_kwargs):
+def load_orbax_params(directory: str | os.PathLike, dtype=None, mesh=None, execution: Execution | None = None):
     """A params checkpoint -> Qwen3NextForCausalLM. dtype None keeps the stored dtypes; mesh places each array in
-    its shard (qwen3next_jax.sharding rules). model_kwargs go to the model (gdn_impl, attention_impl, remat)."""
+    its shard (qwen3next_jax.sharding rules); execution: how the model runs (default: in the parameters' dtype)."""
     directory = os.path.abspath(os.fspath(directory))
     with open(os.path.join(directory, hf_io.CONFIG_NAME)) as f:
         hf = json.load(f)
     cfg = hf_io.Qwen3NextConfig.from_hf_dict(hf)
     stored = jnp.dtype(hf.get("dtype", "float32"))
-    model = hf_io.abstract_model(cfg, jnp.dtype(dtype) if dtype is not None else stored, **model_kwargs)
+    param_dtype = jnp.dtype(dtype if dtype is not None else stored).name
+    if execution is None:
+        execution = Execution(compute_dtype=param_dtype, param_dtype=param_dtype)
+    model = hf_io.abstract_model(cfg, dataclasses.replace(execution, param_dtype=param_dtype))
     state = nnx.state(model, nnx.Param)
     params_dir = os.path.join(directory, PARAMS_DIR)
     with ocp.StandardCheckpointer() as ckptr:
@@ -125,8 +130,10 @@ def _flat(tree, prefix=()):
 
 def hf_to_orbax(hf_path, out, dtype=None, progress=True):
     t0 = time.time()
-    model = hf_io.load_hf_checkpoint(hf_path, dtype=_dtype(dtype) if isinstance(dtype, str) else dtype,
-                                     progress=progress)
+    dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
+    execution = None if dtype is None else Execution(compute_dtype=jnp.dtype(dtype).name,
+                                                     param_dtype=jnp.dtype(dtype).name)
+    model = hf_io.load_hf_checkpoint(hf_path, execution=execution, progress=progress)
     save_orbax_params(model, out)
     n = sum(x.size for x in jax.tree.leaves(_param_values(model)))
     print(f"wrote {out}: {n:,} parameters ({_dominant_dtype(model)}) in {time.time() - t0:.1f}s", file=sys.stderr)

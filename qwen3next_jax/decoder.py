@@ -15,47 +15,37 @@ from flax import nnx
 
 from qwen3next_jax.attention import GatedAttention
 from qwen3next_jax.config import FULL, Qwen3NextConfig
+from qwen3next_jax.execution import REMAT_POLICIES, Execution
 from qwen3next_jax.gated_deltanet import GatedDeltaNet
+from qwen3next_jax.interface import Aux, Context
 from qwen3next_jax.moe import MLP, SparseMoE
 from qwen3next_jax.norms import RMSNorm
+from qwen3next_jax.sharding import constrain
+from qwen3next_kernels.registry import Platform
 
-# What each layer keeps for the backward pass. "none" keeps everything, "full" recomputes the layer,
-# "dots" keeps only matmul outputs without batch dimensions (projections), recomputing the rest.
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+ACTIVATIONS = ("batch", "seq", None)  # the logical axes of the hidden state [B, T, D] between blocks
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: Qwen3NextConfig, layer_type: str, sparse: bool, *, rngs: nnx.Rngs, dtype=jnp.float32,
-                 param_dtype=jnp.float32, gdn_impl: str = "auto", attention_impl: str | None = None,
-                 moe_impl: str = "auto"):
+    def __init__(self, cfg: Qwen3NextConfig, layer_type: str, sparse: bool, *, rngs: nnx.Rngs,
+                 execution: Execution, platform: Platform):
+        kw = dict(rngs=rngs, execution=execution, platform=platform)
         self.layer_type = layer_type
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
-        if layer_type == FULL:
-            self.mixer = GatedAttention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                        attention_impl=attention_impl)
-        else:
-            self.mixer = GatedDeltaNet(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, gdn_impl=gdn_impl)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=execution.params)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=execution.params)
+        self.mixer = GatedAttention(cfg, **kw) if layer_type == FULL else GatedDeltaNet(cfg, **kw)
         if sparse:
-            self.mlp = SparseMoE(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, moe_impl=moe_impl)
+            self.mlp = SparseMoE(cfg, **kw)
         else:
-            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                           std=cfg.initializer_range)
+            self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, rngs=rngs, dtype=execution.dtype,
+                           param_dtype=execution.params, std=cfg.initializer_range)
 
-    def __call__(self, x, rope, segment_ids, token_mask) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, D] -> (x, load-balancing loss of this layer, 0 for a dense MLP)."""
-        h = self.input_layernorm(x)
-        x = x + (self.mixer(h, rope, segment_ids) if self.layer_type == FULL else self.mixer(h, segment_ids))
-        h = self.post_attention_layernorm(x)
-        if isinstance(self.mlp, SparseMoE):
-            y, aux = self.mlp(h, token_mask)
-        else:
-            y, aux = self.mlp(h), jnp.zeros((), jnp.float32)
-        return x + y, aux
+    def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, Aux]:
+        """x [B, T, D] -> (x, this layer's router statistics: zero for a dense MLP)."""
+        y, mixer_aux = self.mixer(self.input_layernorm(x), ctx)
+        x = constrain(x + y, ACTIVATIONS)
+        y, mlp_aux = self.mlp(self.post_attention_layernorm(x), ctx)
+        return constrain(x + y, ACTIVATIONS), mixer_aux.combine(mlp_aux)
 
 
 def layer_period(cfg: Qwen3NextConfig) -> int:
@@ -74,14 +64,13 @@ def _stacked(make_layer, repeats: int) -> DecoderLayer:
 
 
 class DecoderStack(nnx.Module):
-    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, remat: str = "none", **layer_kw):
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat {remat!r}; choose from {sorted(REMAT_POLICIES)}")
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, execution: Execution, platform: Platform):
         self.period = layer_period(cfg)
         self.repeats = cfg.num_hidden_layers // self.period
-        self.remat = remat
+        self.remat = execution.remat
         self.blocks = nnx.List([
-            _stacked(lambda j=j: DecoderLayer(cfg, *cfg.layer_signature(j), rngs=rngs, **layer_kw), self.repeats)
+            _stacked(lambda j=j: DecoderLayer(cfg, *cfg.layer_signature(j), rngs=rngs, execution=execution,
+                                              platform=platform), self.repeats)
             for j in range(self.period)])
 
     def layer_location(self, i: int) -> tuple[int, int]:
@@ -94,21 +83,21 @@ class DecoderStack(nnx.Module):
         graphdef, state = nnx.split(self.blocks[j])
         return nnx.merge(graphdef, jax.tree.map(lambda a: a[r], state))
 
-    def __call__(self, x, rope, segment_ids, token_mask) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, Aux]:
         graphdefs, states = zip(*(nnx.split(block) for block in self.blocks))
 
-        def run_layer(graphdef, state, x, rope, segment_ids, token_mask):
-            return nnx.merge(graphdef, state)(x, rope, segment_ids, token_mask)
+        def run_layer(graphdef, state, x, ctx):
+            return nnx.merge(graphdef, state)(x, ctx)
 
         if self.remat != "none":
             run_layer = jax.checkpoint(run_layer, policy=REMAT_POLICIES[self.remat], static_argnums=(0,))
 
-        def one_repeat(x, states_r):
-            aux = jnp.zeros((), jnp.float32)
+        def one_repeat(carry, states_r):
+            x, aux = carry
             for graphdef, state in zip(graphdefs, states_r):
-                x, layer_aux = run_layer(graphdef, state, x, rope, segment_ids, token_mask)
-                aux = aux + layer_aux
-            return x, aux
+                x, layer_aux = run_layer(graphdef, state, x, ctx)
+                aux = aux.combine(layer_aux)
+            return (x, aux), None
 
-        x, aux = jax.lax.scan(one_repeat, x, states)
-        return x, aux.sum()
+        (x, aux), _ = jax.lax.scan(one_repeat, (x, Aux.zero()), states)
+        return x, aux

@@ -3,7 +3,8 @@
 in_proj_qkvz is laid out per key head: [q (dk) | k (dk) | v (r heads x dv) | z (r heads x dv)] with r value heads per
 key head; in_proj_ba likewise [b (r) | a (r)]. Value head j belongs to key head j // r. A causal depthwise conv with
 SiLU runs over the channels cat(q, k, v); then the gated delta rule (qwen3next_kernels.gdn) and a gated RMSNorm with z.
-With packed documents both the conv window and the recurrent state restart at each document.
+With packed documents both the conv window and the recurrent state restart at each document. The conv and the
+rule are the registry's "conv" and "gdn" families.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from qwen3next_kernels.conv import split_conv
-from qwen3next_kernels.gdn import gated_delta_rule
-from qwen3next_kernels.gdn.dispatch import PURE_JAX
 from qwen3next_jax.config import Qwen3NextConfig
+from qwen3next_jax.execution import Execution
+from qwen3next_jax.interface import Aux, Context
 from qwen3next_jax.layers import Linear, param
 from qwen3next_jax.norms import GatedRMSNorm
 from qwen3next_jax.sharding import per_shard
+from qwen3next_kernels.registry import FAMILIES, Platform
 
 
 class CausalConv1d(nnx.Module):
@@ -29,10 +30,18 @@ class CausalConv1d(nnx.Module):
         self.kernel = param(rngs, (kernel_size, channels), param_dtype, ("conv", "gdn_heads"), std=std)
 
 
+def gdn_sites(cfg: Qwen3NextConfig, dtype) -> dict[str, dict]:
+    """The registry's facts for the mixer's two kernel call sites."""
+    heads = dict(key_heads=cfg.linear_num_key_heads, key_dim=cfg.linear_key_head_dim,
+                 value_heads=cfg.linear_num_value_heads, value_dim=cfg.linear_value_head_dim,
+                 dtype=jnp.dtype(dtype).name)
+    return {"conv": dict(heads, taps=cfg.linear_conv_kernel_dim), "gdn": dict(heads, chunk_size=64)}
+
+
 class GatedDeltaNet(nnx.Module):
-    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 gdn_impl: str = "auto"):
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, execution: Execution, platform: Platform):
         D = cfg.hidden_size
+        dtype, param_dtype = execution.dtype, execution.params
         self.nk, self.nv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
         self.dk, self.dv = cfg.linear_key_head_dim, cfg.linear_value_head_dim
         self.r = self.nv // self.nk
@@ -42,19 +51,21 @@ class GatedDeltaNet(nnx.Module):
         channels = 2 * self.nk * self.dk + self.nv * self.dv
         self.conv1d = CausalConv1d(cfg.linear_conv_kernel_dim, channels, rngs=rngs, param_dtype=param_dtype,
                                    std=cfg.initializer_range)
-        self.dt_bias = param(None, (self.nv,), param_dtype, ("gdn_value_heads",), init="ones")
+        self.dt_bias = param(None, (self.nv,), param_dtype, ("gdn_value_heads",), init="ones",
+                             weight_decay=False)
         # A ~ U(0.01, 16) as transformers initialises it; A_log = log(A), the decay rate is exp(A_log).
         A = jax.random.uniform(rngs.params(), (self.nv,), jnp.float32, 0.01, 16.0)
-        self.A_log = nnx.Param(jnp.log(A).astype(param_dtype), logical_axes=("gdn_value_heads",))
+        self.A_log = nnx.Param(jnp.log(A).astype(param_dtype), logical_axes=("gdn_value_heads",),
+                               weight_decay=False)
         self.norm = GatedRMSNorm(self.dv, cfg.rms_norm_eps, param_dtype=param_dtype)
         self.out_proj = Linear(self.nv * self.dv, D, ("gdn_heads", "embed"), **kw)
         self.dtype = dtype
-        self.gdn_impl = gdn_impl
-        # The pure-JAX forms of the op (tests, parity runs) come with the plain-JAX conv; otherwise its kernel.
-        self.conv_impl = "xla" if gdn_impl in PURE_JAX else "auto"
+        self.kernels = {family: execution.resolve(family, site, platform)
+                        for family, site in gdn_sites(cfg, dtype).items()}
 
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, Aux]:
         B, T, _ = x.shape
+        segment_ids = ctx.segment_ids
         nk, nv, dk, dv, r = self.nk, self.nv, self.dk, self.dv, self.r
         qkvz = self.in_proj_qkvz(x).reshape(B, T, nk, 2 * dk + 2 * r * dv)
         kernel = self.conv1d.kernel[...]                                     # [W, cat(q, k, v) channels]
@@ -74,7 +85,7 @@ class GatedDeltaNet(nnx.Module):
                                                        None if segment_ids is None else ("batch", None)),
                          out_axes=(heads + (None,),) * 2)(qkvz, taps, g, beta, segment_ids)
         o = self.norm(o.reshape(B, T, nv, dv).astype(self.dtype), z.reshape(B, T, nv, dv))   # [B, T, nv, dv]
-        return self.out_proj(o.reshape(B, T, nv * dv))
+        return self.out_proj(o.reshape(B, T, nv * dv)), Aux.zero()
 
     def _conv_and_rule(self, qkvz, taps, g, beta, segment_ids):
         """o and z [B, T, nk, r, dv] for the key heads of qkvz [B, T, nk, 2 dk + 2 r dv] (a shard's, under a mesh)."""
@@ -82,8 +93,10 @@ class GatedDeltaNet(nnx.Module):
         dk, dv, r = self.dk, self.dv, self.r
         # Cast here, not before: the taps' gradient is summed over the batch shards in the parameter's dtype.
         kernel = jnp.concatenate([t.reshape(t.shape[0], -1) for t in taps], axis=1).astype(qkvz.dtype)
+        split_conv = FAMILIES["conv"].function(self.kernels["conv"])
         q, k, v, z = split_conv(qkvz, kernel, segment_ids, key_heads=nk, key_dim=dk, value_heads=nk * r,
-                                value_dim=dv, impl=self.conv_impl)
+                                value_dim=dv)
+        gated_delta_rule = FAMILIES["gdn"].function(self.kernels["gdn"])
         o, _ = gated_delta_rule(q, k, v, g.reshape(B, T, nk * r), beta.reshape(B, T, nk * r), segment_ids=segment_ids,
-                                use_qk_l2norm=True, impl=self.gdn_impl)
+                                use_qk_l2norm=True, scale=None, chunk_size=64, initial_state=None)
         return o.reshape(B, T, nk, r, dv), z.reshape(B, T, nk, r, dv)

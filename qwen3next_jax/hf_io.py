@@ -37,6 +37,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from qwen3next_jax.config import Qwen3NextConfig
+from qwen3next_jax.execution import Execution
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -397,33 +398,29 @@ def _dominant_dtype(reader: SafetensorsReader):
     return _ST_DTYPES.get(counts.most_common(1)[0][0], np.dtype(np.float32)) if counts else np.dtype(np.float32)
 
 
-def abstract_model(cfg: Qwen3NextConfig, param_dtype, **model_kwargs):
+def abstract_model(cfg: Qwen3NextConfig, execution: Execution):
     from qwen3next_jax.model import Qwen3NextForCausalLM
-    model_kwargs.setdefault("dtype", param_dtype)
-    return nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype,
-                                                       **model_kwargs))
+    return nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0), execution=execution))
 
 
-def load_hf_checkpoint(path: str | os.PathLike, dtype=None, mesh: jax.sharding.Mesh | None = None,
-                       *, progress: bool = False, **model_kwargs):
+def load_hf_checkpoint(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *,
+                       execution: Execution | None = None, progress: bool = False):
     """A Hugging Face Qwen3-Next checkpoint directory -> Qwen3NextForCausalLM.
 
-    dtype: None keeps each tensor's checkpoint dtype (bit for bit); otherwise every parameter is cast to it. The
-    compute dtype (`dtype=` of the model) defaults to the parameter dtype; pass `compute_dtype=` to change it.
+    execution: how the model runs (qwen3next_jax.execution); its param_dtype is the dtype every parameter is cast
+    to. None keeps each tensor's checkpoint dtype (bit for bit) and computes in the checkpoint's dtype.
     mesh: place each leaf with its NamedSharding (qwen3next_jax.sharding's logical-axis rules).
-    model_kwargs go to Qwen3NextForCausalLM (gdn_impl, attention_impl, remat).
     Raises CheckpointMismatchError listing all missing / unexpected / mis-shaped tensors.
     """
     path = os.fspath(path)
     reader = SafetensorsReader(path)
     try:
         cfg = read_hf_config(path, reader.names())
-        cast = None if dtype is None else np.dtype(jnp.dtype(dtype))
-        param_dtype = cast if cast is not None else _dominant_dtype(reader)
-        compute_dtype = model_kwargs.pop("compute_dtype", None)
-        if compute_dtype is not None:
-            model_kwargs["dtype"] = compute_dtype
-        model = abstract_model(cfg, jnp.dtype(param_dtype), **model_kwargs)
+        cast = None if execution is None else np.dtype(execution.params)
+        if execution is None:
+            stored = jnp.dtype(_dominant_dtype(reader)).name
+            execution = Execution(compute_dtype=stored, param_dtype=stored)
+        model = abstract_model(cfg, execution)
         specs = leaf_specs(model)
         # A tied checkpoint may still carry lm_head.weight; transformers ties it to the embedding and ignores it.
         tied_head = cfg.tie_word_embeddings and TIED_HEAD in reader.names()

@@ -1,7 +1,9 @@
 """The two parameterised primitives every module is built from: a linear map and an embedding table.
 
 Parameters live in `param_dtype` (fp32 master weights when training) and are cast to the compute `dtype` at use.
-Each parameter records its logical axis names (`logical_axes`); `qwen3next_jax.sharding` maps them to mesh axes.
+Each parameter records its logical axis names (`logical_axes`), which `qwen3next_jax.sharding` maps to mesh axes,
+and whether weight decay applies to it (`weight_decay`: not to norms, biases and the Gated DeltaNet decay), which
+the optimizer reads.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 
-def param(rngs: nnx.Rngs | None, shape, dtype, axes: tuple[str | None, ...], init: str = "normal", std=0.02):
+def param(rngs: nnx.Rngs | None, shape, dtype, axes: tuple[str | None, ...], init: str = "normal", std=0.02,
+          weight_decay: bool = True):
     """A parameter with logical axis names. init: 'normal' (std), 'zeros' or 'ones'."""
     if init == "normal":
         value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
@@ -21,7 +24,7 @@ def param(rngs: nnx.Rngs | None, shape, dtype, axes: tuple[str | None, ...], ini
         value = jnp.ones(shape, jnp.float32)
     else:
         raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value.astype(dtype), logical_axes=axes)
+    return nnx.Param(value.astype(dtype), logical_axes=axes, weight_decay=weight_decay)
 
 
 class Linear(nnx.Module):
@@ -30,7 +33,8 @@ class Linear(nnx.Module):
     def __init__(self, in_features: int, out_features: int, axes: tuple[str | None, str | None], *, rngs: nnx.Rngs,
                  bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32, std: float = 0.02):
         self.kernel = param(rngs, (in_features, out_features), param_dtype, axes, std=std)
-        self.bias = param(rngs, (out_features,), param_dtype, axes[1:], init="zeros") if bias else None
+        self.bias = param(rngs, (out_features,), param_dtype, axes[1:], init="zeros",
+                          weight_decay=False) if bias else None
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -12,10 +12,13 @@ from flax import nnx
 
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.decoder import DecoderStack
+from qwen3next_jax.execution import Execution
+from qwen3next_jax.interface import Aux, Context
 from qwen3next_jax.layers import Embed, Linear
 from qwen3next_jax.mtp import MultiTokenPrediction
 from qwen3next_jax.norms import RMSNorm
 from qwen3next_jax.rope import rope_tables
+from qwen3next_kernels.registry import FAMILIES, Platform
 
 
 def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
@@ -28,49 +31,51 @@ def positions_from_segments(segment_ids: jax.Array) -> jax.Array:
     return idx - start
 
 
+def loss_site(cfg: Qwen3NextConfig, dtype) -> dict:
+    return dict(hidden=cfg.hidden_size, vocab=cfg.vocab_size, dtype=jnp.dtype(dtype).name)
+
+
 class Qwen3NextModel(nnx.Module):
-    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, dtype, param_dtype, remat: str, **layer_kw):
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                                  std=cfg.initializer_range)
-        self.layers = DecoderStack(cfg, rngs=rngs, remat=remat, dtype=dtype, param_dtype=param_dtype, **layer_kw)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype)
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, execution: Execution, platform: Platform):
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, dtype=execution.dtype,
+                                  param_dtype=execution.params, std=cfg.initializer_range)
+        self.layers = DecoderStack(cfg, rngs=rngs, execution=execution, platform=platform)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=execution.params)
 
 
 class Qwen3NextForCausalLM(nnx.Module):
     """Qwen3-Next with its LM head and multi-token prediction.
 
-    dtype is the compute dtype, param_dtype the storage dtype of the weights. gdn_impl picks the Gated DeltaNet
-    implementation (see qwen3next_kernels.gdn); attention_impl is passed to jax.nn.dot_product_attention; moe_impl
-    picks the experts' grouped matmul (see moe.Experts); remat is
-    one of decoder.REMAT_POLICIES. segment_ids (int, 0 = padding) mark packed documents; positions default to
-    0.. within each document.
+    execution: dtypes, rematerialisation and kernel choices (qwen3next_jax.execution), resolved for `platform`
+    (default: the running one) as the model is built. segment_ids (int, 0 = padding) mark packed documents;
+    positions default to 0.. within each document.
     """
 
-    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 gdn_impl: str = "auto", attention_impl: str | None = None, moe_impl: str = "auto",
-                 remat: str = "none"):
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, execution: Execution = Execution(),
+                 platform: Platform | None = None):
+        platform = platform or Platform.current()
         self.config = cfg
-        self.dtype = dtype
-        layer_kw = dict(gdn_impl=gdn_impl, attention_impl=attention_impl, moe_impl=moe_impl)
-        self.model = Qwen3NextModel(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, remat=remat, **layer_kw)
+        self.dtype = execution.dtype
+        self.model = Qwen3NextModel(cfg, rngs=rngs, execution=execution, platform=platform)
         self.lm_head = None if cfg.tie_word_embeddings else Linear(
-            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-            std=cfg.initializer_range)
+            cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), rngs=rngs, dtype=execution.dtype,
+            param_dtype=execution.params, std=cfg.initializer_range)
         self.mtp = None if cfg.mtp_num_hidden_layers == 0 else MultiTokenPrediction(
-            cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **layer_kw)
+            cfg, rngs=rngs, execution=execution, platform=platform)
+        self.kernels = {"loss": execution.resolve("loss", loss_site(cfg, execution.dtype), platform)}
 
-    def _context(self, input_ids, segment_ids, positions):
+    def _context(self, input_ids, segment_ids, positions) -> Context:
         if positions is None:
             positions = (positions_from_segments(segment_ids) if segment_ids is not None
                          else jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape))
         token_mask = jnp.ones(input_ids.shape, bool) if segment_ids is None else segment_ids != 0
-        return rope_tables(self.config, positions, self.dtype), token_mask
+        return Context(rope_tables(self.config, positions, self.dtype), segment_ids, token_mask)
 
-    def hidden_states(self, input_ids, segment_ids=None, positions=None) -> tuple[jax.Array, jax.Array]:
-        """input_ids [B, T] -> (final hidden state after model.norm [B, T, D], load-balancing loss summed over layers)."""
-        rope, token_mask = self._context(input_ids, segment_ids, positions)
+    def hidden_states(self, input_ids, segment_ids=None, positions=None) -> tuple[jax.Array, Aux]:
+        """input_ids [B, T] -> (final hidden state after model.norm [B, T, D], router statistics of the stack)."""
+        ctx = self._context(input_ids, segment_ids, positions)
         x = self.model.embed_tokens(input_ids)
-        x, aux = self.model.layers(x, rope, segment_ids, token_mask)
+        x, aux = self.model.layers(x, ctx)
         return self.model.norm(x), aux
 
     def lm_head_weight(self) -> jax.Array:
@@ -81,13 +86,19 @@ class Qwen3NextForCausalLM(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         return jnp.dot(hidden.astype(self.dtype), self.lm_head_weight())
 
+    def cross_entropy(self, hidden: jax.Array, targets: jax.Array, chunk_tokens: int = 2048):
+        """Per-token (cross entropy, logsumexp) of the LM head on hidden [B, T, D] against targets [B, T], both
+        fp32 [B, T], through the registry's "loss" family (chunk_tokens bounds the chunked form's fp32 logits)."""
+        linear_cross_entropy = FAMILIES["loss"].function(self.kernels["loss"])
+        return linear_cross_entropy(hidden.astype(self.dtype), self.lm_head_weight(), targets,
+                                    chunk_tokens=chunk_tokens)
+
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """input_ids [B, T] -> logits [B, T, V]."""
         return self.logits(self.hidden_states(input_ids, segment_ids, positions)[0])
 
-    def mtp_hidden_states(self, hidden, input_ids, segment_ids=None, positions=None):
+    def mtp_hidden_states(self, hidden, input_ids, segment_ids=None, positions=None) -> list[tuple[jax.Array, Aux]]:
         """[(hidden_d, aux_d) for each MTP depth d]; position t of depth d predicts x_{t+1+d}."""
         if self.mtp is None:
             return []
-        rope, token_mask = self._context(input_ids, segment_ids, positions)
-        return self.mtp(hidden, self.model.embed_tokens, input_ids, rope, segment_ids, token_mask)
+        return self.mtp(hidden, self.model.embed_tokens, input_ids, self._context(input_ids, segment_ids, positions))

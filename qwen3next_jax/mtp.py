@@ -15,32 +15,34 @@ from flax import nnx
 
 from qwen3next_jax.config import FULL, Qwen3NextConfig
 from qwen3next_jax.decoder import DecoderLayer
+from qwen3next_jax.execution import Execution
+from qwen3next_jax.interface import Aux, Context
 from qwen3next_jax.layers import Embed, Linear
 from qwen3next_jax.norms import RMSNorm
+from qwen3next_kernels.registry import Platform
 
 
 class MultiTokenPrediction(nnx.Module):
-    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
-                 **layer_kw):
-        D, eps = cfg.hidden_size, cfg.rms_norm_eps
-        self.fc = Linear(2 * D, D, ("mtp_concat", "embed"), rngs=rngs, dtype=dtype, param_dtype=param_dtype,
-                         std=cfg.initializer_range)
+    def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, execution: Execution, platform: Platform):
+        D, eps, param_dtype = cfg.hidden_size, cfg.rms_norm_eps, execution.params
+        self.fc = Linear(2 * D, D, ("mtp_concat", "embed"), rngs=rngs, dtype=execution.dtype,
+                         param_dtype=param_dtype, std=cfg.initializer_range)
         self.pre_fc_norm_embedding = RMSNorm(D, eps, param_dtype=param_dtype)
         self.pre_fc_norm_hidden = RMSNorm(D, eps, param_dtype=param_dtype)
         # Each MTP layer is a full-attention decoder layer with its own MoE (a dense MLP if the model has no experts).
         self.layers = nnx.List([
-            DecoderLayer(cfg, FULL, cfg.num_experts > 0, rngs=rngs, dtype=dtype, param_dtype=param_dtype, **layer_kw)
+            DecoderLayer(cfg, FULL, cfg.num_experts > 0, rngs=rngs, execution=execution, platform=platform)
             for _ in range(cfg.mtp_num_hidden_layers)])
         self.norm = RMSNorm(D, eps, param_dtype=param_dtype)
 
-    def __call__(self, hidden, embed: Embed, input_ids, rope, segment_ids, token_mask):
+    def __call__(self, hidden, embed: Embed, input_ids, ctx: Context) -> list[tuple[jax.Array, Aux]]:
         """hidden [B, T, D] after model.norm -> [(hidden_d [B, T, D] after mtp.norm, aux_d) for d = 1..depth]."""
         outputs = []
         for d, layer in enumerate(self.layers, start=1):
             ahead = jnp.pad(input_ids[:, d:], ((0, 0), (0, d)))            # x_{t+d}, token 0 past the end
             h = self.fc(jnp.concatenate([self.pre_fc_norm_embedding(embed(ahead)),
                                          self.pre_fc_norm_hidden(hidden)], axis=-1))
-            h, aux = layer(h, rope, segment_ids, token_mask)
+            h, aux = layer(h, ctx)
             hidden = self.norm(h)
             outputs.append((hidden, aux))
         return outputs

@@ -20,7 +20,7 @@ def _normalize(x_f32: jax.Array, eps: float) -> jax.Array:
 
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
-        self.weight = param(None, (dim,), param_dtype, ("norm",), init="zeros")
+        self.weight = param(None, (dim,), param_dtype, ("norm",), init="zeros", weight_decay=False)
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -30,7 +30,7 @@ class RMSNorm(nnx.Module):
 
 class GatedRMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, *, param_dtype=jnp.float32):
-        self.weight = param(None, (dim,), param_dtype, ("norm",), init="ones")
+        self.weight = param(None, (dim,), param_dtype, ("norm",), init="ones", weight_decay=False)
         self.eps = eps
 
     def __call__(self, x: jax.Array, z: jax.Array) -> jax.Array:

@@ -43,6 +43,10 @@ def make_mesh(devices=None, **axis_sizes: int) -> Mesh:
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
+    if axis_sizes.get("context", 1) not in (1,):
+        # Nothing splits the sequence yet: the axis would only replicate the work on its devices.
+        raise ValueError(f"mesh context={axis_sizes['context']}: context parallelism is not implemented; use "
+                         "context=1 and put the devices on data, fsdp, expert or tensor")
     devices = np.asarray(jax.devices() if devices is None else devices)
     sizes = [axis_sizes.get(a, 1) for a in MESH_AXES]
     if sizes.count(-1) > 1:
@@ -70,6 +74,16 @@ def logical_to_spec(axes, shape, mesh: Mesh, rules=RULES) -> P:
         used.update(mesh_axes)
         spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
     return P(*spec)
+
+
+def constrain(x: jax.Array, axes: tuple) -> jax.Array:
+    """x laid out over the context mesh as its logical axes name (RULES), where the axes divide its dimensions:
+    pins activations at block boundaries, so XLA's propagation cannot drift into gathering them. Without a context
+    mesh of several devices, x itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
 def per_shard(fn, in_axes, out_axes):

@@ -8,6 +8,9 @@ import pytest
 
 from qwen3next_kernels.conv import reference_split_conv, split_conv
 from qwen3next_kernels.conv.reference import split
+from qwen3next_kernels.registry import Platform
+
+HOPPER = Platform("gpu", "NVIDIA H100 80GB HBM3")
 
 W = 4
 
@@ -62,15 +65,15 @@ def test_bad_shapes_name_what_is_wrong():
         split_conv(qkvz[..., :-1], kernel, seg, **dims)
     with pytest.raises(ValueError, match="segment_ids must be"):
         split_conv(qkvz, kernel, seg[:, :-1], **dims)
-    with pytest.raises(ValueError, match="unknown impl"):
+    with pytest.raises(ValueError, match="unknown conv implementation 'triton'"):
         split_conv(qkvz, kernel, seg, impl="triton", **dims)
 
 
 def check_kernel(B, T, nk, dk, nv, dv, docs, seed=0, tol=1e-2):
     """The kernels in bf16 against the plain-JAX form in fp32 on the same bf16 inputs: outputs, d qkvz, d kernel."""
-    from qwen3next_kernels.conv import pallas_gpu
+    from qwen3next_kernels.conv import dispatch, pallas_gpu
     qkvz, kernel, seg, dims = make(B, T, nk, dk, nv, dv, seed=seed, docs=docs)
-    assert pallas_gpu.supports(qkvz, kernel, seg, **dims)
+    assert pallas_gpu.supports(HOPPER, dispatch.site(qkvz, kernel, **dims))
     outs, vjp = jax.vjp(lambda x, w: pallas_gpu.split_conv(x, w, seg, **dims), qkvz, kernel)
     refs, rvjp = jax.vjp(lambda x, w: reference_split_conv(x, w, seg, **dims), qkvz.astype(jnp.float32),
                          kernel.astype(jnp.float32))
@@ -104,9 +107,9 @@ def test_kernels_on_the_gpu(B, T, nk, dk, nv, dv, docs):
 
 @pytest.mark.gpu
 def test_auto_picks_the_kernel_on_hopper():
-    from qwen3next_kernels.conv import pallas_gpu
+    from qwen3next_kernels.conv import dispatch, pallas_gpu
     qkvz, kernel, seg, dims = make(1, 64, 2, 128, 4, 128)
-    assert pallas_gpu.supports(qkvz, kernel, seg, **dims)
+    assert pallas_gpu.supports(Platform.current(), dispatch.site(qkvz, kernel, **dims))
     a = split_conv(qkvz, kernel, seg, **dims)
     b = pallas_gpu.split_conv(qkvz, kernel, seg, **dims)
     for x, y in zip(a, b):

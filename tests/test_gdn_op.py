@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qwen3next_kernels import registry
 from qwen3next_kernels.gdn import dispatch, gated_delta_rule
 
 K_DIM = V_DIM = 16
@@ -177,22 +178,37 @@ def test_auto_is_chunked_on_cpu():
 def test_auto_takes_a_registered_kernel_only_where_it_supports_the_call(monkeypatch):
     calls = []
     fake = types.ModuleType("fake_gdn_kernel")
-    fake.supports = lambda q, *args, segment_ids, **kw: segment_ids is None
+    fake.supports = lambda platform, site: site["dtype"] == "float32"
     fake.gated_delta_rule = lambda *args, **kw: calls.append(kw) or ("kernel", None)
     monkeypatch.setitem(sys.modules, "fake_gdn_kernel", fake)
-    monkeypatch.setattr(dispatch, "KERNELS", {"fake": dispatch.Kernel("fake_gdn_kernel", jax.default_backend()),
-                                              "missing": dispatch.Kernel("no_such_module_xyz", jax.default_backend())})
+    family = registry.Family("gdn", (registry.Impl("fake", "fake_gdn_kernel:gated_delta_rule"),
+                                     registry.Impl("missing", "no_such_module_xyz:gated_delta_rule", auto=False),
+                                     *registry.FAMILIES["gdn"].impls[-1:]))
+    monkeypatch.setitem(registry.FAMILIES, "gdn", family)
     x = make_inputs(11, T=5)
     assert gated_delta_rule(**x)[0] == "kernel"
     assert calls[0]["chunk_size"] == 64
-    o, _ = gated_delta_rule(**x, segment_ids=jnp.zeros((2, 5), jnp.int32))
+    o, _ = gated_delta_rule(**make_inputs(11, T=5, dtype=jnp.bfloat16))
     assert o.shape == x["v"].shape and len(calls) == 1
     with pytest.raises(ImportError):
         gated_delta_rule(**x, impl="missing")
 
 
+def test_resolution_is_a_function_of_platform_and_site():
+    """What auto becomes for the model's sites on every backend, decided on this (CPU) host."""
+    site = dispatch.site(*(jnp.zeros((1, 8, 16, 128), jnp.bfloat16),) * 2, jnp.zeros((1, 8, 32, 128), jnp.bfloat16))
+    gdn = registry.FAMILIES["gdn"]
+    assert gdn.resolve("auto", site, registry.Platform("gpu", "NVIDIA H200")) == "pallas_gpu"
+    assert gdn.resolve("auto", site, registry.Platform("gpu", "NVIDIA A100-SXM4-80GB")) == "chunked"
+    assert gdn.resolve("auto", site, registry.Platform("tpu", "TPU v5p")) == "pallas_tpu"
+    assert gdn.resolve("auto", site, registry.Platform("cpu", "cpu")) == "chunked"
+    assert gdn.resolve("auto", dict(site, key_dim=96), registry.Platform("gpu", "NVIDIA H200")) == "chunked"
+    assert gdn.resolve("auto", dict(site, dtype="float32"), registry.Platform("gpu", "NVIDIA H200")) == "chunked"
+    assert gdn.resolve("reference", site, registry.Platform("gpu", "NVIDIA H200")) == "reference"
+
+
 @pytest.mark.parametrize("change,match", [
-    (dict(impl="fast"), "unknown impl 'fast'.*chunked"),
+    (dict(impl="fast"), "unknown gdn implementation 'fast'.*chunked"),
     (dict(v=jnp.zeros((2, 5, 3, V_DIM))), "multiple of key heads"),
     (dict(g=jnp.zeros((2, 5, 3))), r"g must be \[B, T, HV\]"),
     (dict(beta=jnp.zeros((2, 4, 2))), r"beta must be \[B, T, HV\]"),

@@ -125,10 +125,11 @@ CASES = [
 @gpu
 @pytest.mark.parametrize("B,T,H,HV,K,V,n_docs,use_h0", CASES)
 def test_forward_matches_recurrence(B, T, H, HV, K, V, n_docs, use_h0):
-    from qwen3next_kernels.gdn import pallas_gpu
+    from qwen3next_kernels.gdn import dispatch, pallas_gpu
+    from qwen3next_kernels.registry import Platform
     q, k, v, g, beta, h0, seg = make(B, T, H, HV, K, V, n_docs=n_docs)
     h0 = h0 if use_h0 else None
-    assert pallas_gpu.supports(q, k, v, g, beta, initial_state=h0, segment_ids=seg)
+    assert pallas_gpu.supports(Platform.current(), dispatch.site(q, k, v))
     o, s = jax.jit(lambda *a: pallas_gpu.gated_delta_rule(*a[:5], initial_state=a[5], segment_ids=a[6]))(
         q, k, v, g, beta, h0, seg)
     ro, rs = recurrent_ref(q, k, v, g, beta, h0, seg)
@@ -167,17 +168,20 @@ def test_dispatch_auto_picks_the_kernel():
 
 @gpu
 def test_supports_predicate():
-    from qwen3next_kernels.gdn import pallas_gpu
+    from qwen3next_kernels.gdn import dispatch, pallas_gpu
+    from qwen3next_kernels.registry import Platform
+    here = Platform.current()
+    supports = lambda q, k, v, chunk_size=64: pallas_gpu.supports(here, dispatch.site(q, k, v, chunk_size))
     q, k, v, g, beta, h0, seg = make(1, 64, 1, 2, 128, 128)
-    assert pallas_gpu.supports(q, k, v, g, beta)
-    assert not pallas_gpu.supports(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), g, beta)
+    assert supports(q, k, v)
+    assert not supports(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32))
     q2, k2, v2, *_ = make(1, 64, 1, 2, 96, 128)
-    assert not pallas_gpu.supports(q2, k2, v2, g, beta)
+    assert not supports(q2, k2, v2)
     q3, k3, v3, *_ = make(1, 64, 1, 2, 256, 256)
-    assert pallas_gpu.supports(q3, k3, v3, g, beta)
+    assert supports(q3, k3, v3)
     q4, k4, v4, *_ = make(1, 64, 1, 2, 128, 512)
-    assert not pallas_gpu.supports(q4, k4, v4, g, beta)       # value head dim 512: not covered, falls back
-    assert not pallas_gpu.supports(q, k, v, g, beta, chunk_size=32)
+    assert not supports(q4, k4, v4)       # value head dim 512: not covered, falls back
+    assert not supports(q, k, v, chunk_size=32)
 
 
 @gpu

@@ -124,13 +124,18 @@ def test_bf16():
 
 
 def test_supports():
+    from qwen3next_kernels.gdn import dispatch
+    from qwen3next_kernels.registry import Platform
+    tpu = Platform("tpu", "TPU v5p")
+    supports = lambda q, k, v, chunk_size=64, **_: pallas_tpu.supports(tpu, dispatch.site(q, k, v, chunk_size))
     x = make_inputs(0, 8, ratio=2)
-    assert pallas_tpu.supports(**x)
-    assert not pallas_tpu.supports(**x, chunk_size=16)
+    assert supports(**x)
+    assert not supports(**x, chunk_size=16)
     with pytest.raises(ValueError, match="power of two"):
         pallas_tpu.gated_delta_rule(**x, chunk_size=48)
-    assert not pallas_tpu.supports(**make_inputs(0, 8, K=32))
-    assert not pallas_tpu.supports(**{**x, "v": x["v"].astype(jnp.bfloat16)})
+    assert not supports(**make_inputs(0, 8, K=32))
+    assert not supports(**{**x, "v": x["v"].astype(jnp.bfloat16)})
+    assert not pallas_tpu.supports(Platform("cpu"), dispatch.site(x["q"], x["k"], x["v"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

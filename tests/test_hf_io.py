@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 
 from qwen3next_jax import convert, hf_io
 from qwen3next_jax.config import Qwen3NextConfig
+from qwen3next_jax.execution import Execution
 from qwen3next_jax.hf_io import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -125,7 +126,8 @@ def test_stacked_layout_matches_hf_layer_index():
 
 def test_bf16_round_trip_and_cast(tmp_path):
     """dtype=bf16 casts; a bf16 checkpoint loads as bf16 with dtype=None and exports bit for bit."""
-    model = load_hf_checkpoint(os.path.join(GOLDEN, "odd"), dtype=jnp.bfloat16)
+    model = load_hf_checkpoint(os.path.join(GOLDEN, "odd"),
+                               execution=Execution(compute_dtype="bfloat16", param_dtype="bfloat16"))
     assert {v.dtype for v in params_of(model).values()} == {np.dtype(ml_dtypes.bfloat16)}
     save_hf_checkpoint(model, tmp_path / "bf16", max_shard_size="40KB")
     tensors = read_all(tmp_path / "bf16")
@@ -466,7 +468,7 @@ def _wide_model():
         moe_intermediate_size=48, shared_expert_intermediate_size=16, intermediate_size=32, mtp_num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2,
         linear_key_head_dim=16, linear_value_head_dim=16)
-    model = hf_io.abstract_model(cfg, jnp.float32)  # filled with numpy randoms: much faster than eager init
+    model = hf_io.abstract_model(cfg, Execution())  # filled with numpy randoms: much faster than eager init
     state = nnx.state(model)
     rng = np.random.default_rng(0)
     nnx.update(model, jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape).astype(np.float32)), state))

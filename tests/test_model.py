@@ -7,6 +7,8 @@ from flax import nnx
 
 from qwen3next_jax import Qwen3NextConfig, Qwen3NextForCausalLM
 from qwen3next_jax.decoder import layer_period
+from qwen3next_jax.execution import Execution
+from qwen3next_jax.interface import Context
 
 SMALL = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, head_dim=12, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -74,8 +76,8 @@ def test_mtp_matches_definition(model):
     T = x.shape[1]
     positions = jnp.broadcast_to(jnp.arange(T), (2, T))
     from qwen3next_jax.rope import rope_tables
-    x, _ = nnx.jit(lambda layer, x: layer(x, rope_tables(cfg, positions, jnp.float32), None, jnp.ones((2, T), bool)))(
-        model.mtp.layers[0], jnp.asarray(x, jnp.float32))
+    ctx = Context(rope_tables(cfg, positions, jnp.float32), None, jnp.ones((2, T), bool))
+    x, _ = nnx.jit(lambda layer, x: layer(x, ctx))(model.mtp.layers[0], jnp.asarray(x, jnp.float32))
     ref_logits = norm(np.asarray(x), p["norm"]["weight"]) @ np.asarray(model.lm_head.kernel[...])
     assert rel_err(mtp_logits[:, :-1], ref_logits) < 1e-5
 
@@ -87,7 +89,7 @@ def test_remat_policies_give_the_same_gradients():
     ids = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 97)
     grads = []
     for remat in ("none", "full", "dots"):
-        graphdef, state = nnx.split(perturbed_model(cfg, remat=remat))
+        graphdef, state = nnx.split(perturbed_model(cfg, execution=Execution(remat=remat)))
         loss = lambda s: jnp.mean(nnx.merge(graphdef, s)(ids) ** 2)
         grads.append(jax.jit(jax.grad(loss))(state))
     # Recomputation changes how XLA fuses and orders the sums over tokens (the conv kernel's gradient sums 32 of

@@ -1,4 +1,6 @@
-"""The experts' grouped matmul: the tiled form against jax.lax.ragged_dot, and its memory bound."""
+"""The mixture of experts: every expert-MLP implementation against jax.lax.ragged_dot's, the whole block against a
+dense oracle (every expert on every token, weighted by the router), the permutations' gather-only gradients, and
+the tiled form's memory bound."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +8,11 @@ import pytest
 from flax import nnx
 
 from qwen3next_jax import Qwen3NextConfig
-from qwen3next_jax.moe import SparseMoE, tiled_grouped_matmul
+from qwen3next_jax.execution import Execution
+from qwen3next_jax.interface import Context
+from qwen3next_jax.moe import SparseMoE, gather_to_experts, permute, sort_by_expert
+from qwen3next_kernels.moe.tiled import tiled_grouped_matmul
+from qwen3next_kernels.registry import FAMILIES, Platform
 
 
 @pytest.mark.parametrize("sizes", [[5, 0, 17, 1, 0, 30], [0, 0, 53, 0, 0, 0], [9, 9, 9, 9, 9, 8]])
@@ -26,35 +32,108 @@ def test_tiled_matches_ragged_dot_values_and_gradients(sizes):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_moe_layer_is_the_same_with_either_grouped_matmul():
+@pytest.mark.parametrize("impl", [i.name for i in FAMILIES["moe"].impls])
+def test_expert_mlp_implementations_match_ragged_dot(impl):
+    rng = np.random.default_rng(1)
+    sizes = [7, 0, 30, 1, 12]
+    E, D, F, M = len(sizes), 16, 8, sum(sizes)
+    x = jnp.asarray(rng.standard_normal((M, D)), jnp.float32)
+    ws = [jnp.asarray(0.3 * rng.standard_normal(s), jnp.float32) for s in ((E, D, F), (E, D, F), (E, F, D))]
+    gs = jnp.asarray(sizes, jnp.int32)
+    ct = jnp.asarray(rng.standard_normal((M, D)), jnp.float32)
+    got = jax.vjp(lambda *a: FAMILIES["moe"].function(impl)(*a, gs), x, *ws)
+    want = jax.vjp(lambda *a: FAMILIES["moe"].function("ragged_dot")(*a, gs), x, *ws)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1](ct), want[1](ct)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_permutations_have_gather_gradients():
+    rng = np.random.default_rng(2)
+    N, k, E, D = 11, 3, 5, 4
+    top_idx = jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(N)]), jnp.int32)
+    order, inverse, group_sizes = sort_by_expert(top_idx, E)
+    np.testing.assert_array_equal(np.asarray(top_idx).reshape(-1)[np.asarray(order)],
+                                  np.sort(np.asarray(top_idx).reshape(-1)))
+    np.testing.assert_array_equal(np.asarray(order)[np.asarray(inverse)], np.arange(N * k))
+    np.testing.assert_array_equal(group_sizes, np.bincount(np.asarray(top_idx).reshape(-1), minlength=E))
+    x = jnp.asarray(rng.standard_normal((N, D)), jnp.float32)
+    y = jnp.asarray(rng.standard_normal((N * k, D)), jnp.float32)
+    ct = jnp.asarray(rng.standard_normal((N * k, D)), jnp.float32)
+    for ours, plain, arg in ((lambda x: gather_to_experts(x, order, inverse, k), lambda x: x[order // k], x),
+                             (lambda y: permute(y, inverse, order), lambda y: y[inverse], y)):
+        (a, vjp_a), (b, vjp_b) = jax.vjp(ours, arg), jax.vjp(plain, arg)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(vjp_a(ct)[0], vjp_b(ct)[0], rtol=1e-6, atol=1e-6)
+    grad_jaxpr = str(jax.make_jaxpr(jax.grad(lambda x: jnp.sum(gather_to_experts(x, order, inverse, k) ** 2)))(x))
+    assert "scatter" not in grad_jaxpr
+
+
+def _context(mask):
+    return Context(rope=None, segment_ids=None, token_mask=mask)
+
+
+def dense_oracle(moe, x, mask):
+    """Every expert on every token, combined with the top-k weights; the router loss by its definition."""
+    cfg_k, E = moe.top_k, moe.experts.gate_proj.shape[0]
+    x2 = x.reshape(-1, x.shape[-1])
+    probs = jax.nn.softmax(x2 @ moe.gate.kernel[...], axis=-1)
+    top_w, top_idx = jax.lax.top_k(probs, cfg_k)
+    top_w = top_w / top_w.sum(-1, keepdims=True)
+    h = jax.nn.silu(jnp.einsum("nd,edf->enf", x2, moe.experts.gate_proj[...])) * \
+        jnp.einsum("nd,edf->enf", x2, moe.experts.up_proj[...])
+    every = jnp.einsum("enf,efd->end", h, moe.experts.down_proj[...])                  # [E, N, D]
+    weights = jnp.sum(jax.nn.one_hot(top_idx, E) * top_w[..., None], axis=1)           # [N, E]
+    routed = jnp.einsum("end,ne->nd", every, weights)
+    shared = moe.shared_expert(x2)[0] * jax.nn.sigmoid(moe.shared_expert_gate(x2))
+    m = mask.reshape(-1).astype(jnp.float32)
+    f = jnp.sum(jax.nn.one_hot(top_idx, E) * m[:, None, None], axis=(0, 1)) / (m.sum() * cfg_k)
+    P = jnp.sum(probs * m[:, None], axis=0) / m.sum()
+    return (routed + shared).reshape(x.shape), E * jnp.sum(f * P)
+
+
+@pytest.mark.parametrize("impl", ["tiled", "ragged_dot"])
+def test_moe_block_matches_the_dense_oracle(impl):
     cfg = Qwen3NextConfig.preset("tiny")
+    moe = SparseMoE(cfg, rngs=nnx.Rngs(0), execution=Execution(moe=impl), platform=Platform.current())
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 33, cfg.hidden_size))
-    mask = jnp.ones((2, 33), bool)
-    outs = []
-    for impl in ("tiled", "ragged_dot"):
-        moe = SparseMoE(cfg, rngs=nnx.Rngs(0), moe_impl=impl)
-        outs.append(nnx.jit(lambda m, x: m(x, mask))(moe, x))
-    np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(outs[0][1], outs[1][1], rtol=1e-6)
+    mask = jnp.arange(33)[None, :] < jnp.array([[33], [20]])  # the second row ends in padding
+    graphdef, state = nnx.split(moe)
+
+    def ours(state, x):
+        y, aux = nnx.merge(graphdef, state)(x, _context(mask))
+        return y, aux.load_balancing
+
+    def oracle(state, x):
+        return dense_oracle(nnx.merge(graphdef, state), x, mask)
+
+    (y1, lb1), vjp1 = jax.vjp(ours, state, x)
+    (y2, lb2), vjp2 = jax.vjp(oracle, state, x)
+    np.testing.assert_allclose(y1, y2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lb1, lb2, rtol=1e-6)
+    ct = (jax.random.normal(jax.random.PRNGKey(1), y1.shape), jnp.float32(0.7))
+    for a, b in zip(jax.tree.leaves(vjp1(ct)), jax.tree.leaves(vjp2(ct))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
 
 
 def test_tiled_moe_memory_is_bounded_at_the_bench_shape():
     """One bench-1p3b MoE layer at 16K tokens, forward + backward: the dense expansion of ragged_dot off TPU
     needs over 100 GiB of temporaries; the tiled form a few."""
     cfg = Qwen3NextConfig.preset("bench-1p3b")
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: SparseMoE(cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
-                                                                  moe_impl="tiled")))
+    execution = Execution(compute_dtype="bfloat16", moe="tiled")
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: SparseMoE(cfg, rngs=nnx.Rngs(0), execution=execution,
+                                                                  platform=Platform.current())))
     x = jax.ShapeDtypeStruct((8, 2048, cfg.hidden_size), jnp.bfloat16)
     mask = jax.ShapeDtypeStruct((8, 2048), bool)
 
     def loss(state, x, mask):
-        y, aux = nnx.merge(graphdef, state)(x, mask)
-        return y.astype(jnp.float32).mean() + aux
+        y, aux = nnx.merge(graphdef, state)(x, _context(mask))
+        return y.astype(jnp.float32).mean() + aux.load_balancing
 
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(state, x, mask).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < 8 * 2**30
 
 
 def test_unknown_moe_impl_is_named():
-    with pytest.raises(ValueError, match="unknown moe_impl 'megablox'"):
-        SparseMoE(Qwen3NextConfig.preset("tiny"), rngs=nnx.Rngs(0), moe_impl="megablox")
+    with pytest.raises(ValueError, match="unknown moe implementation 'megablox'"):
+        Execution(moe="megablox")

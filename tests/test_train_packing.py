@@ -57,7 +57,7 @@ def test_packed_equals_one_by_one(tmp_path):
             np.testing.assert_array_equal(positions[r][seg[r] == s], np.arange((seg[r] == s).sum()))
     single, where = _one_by_one(packed)
 
-    model = Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32, param_dtype=jnp.float32)
+    model = Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
 
     def summed(p, batch):

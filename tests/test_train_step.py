@@ -18,7 +18,7 @@ def test_grad_accumulation_matches_one_batch():
     rate 1 makes the new parameters params - grad."""
     overrides = ["data.batch_size=4", "model.router_aux_loss_coef=0"]
     cfg = load_config("configs/smoke.yaml", overrides)
-    model = Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0), dtype=jnp.float32)
+    model = Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     rng = np.random.default_rng(0)
     seg = np.repeat(np.array([[1] * 20 + [2] * 12]), 4, axis=0).astype(np.int32)

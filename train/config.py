@@ -22,6 +22,7 @@ import gin
 import yaml
 
 from qwen3next_jax.config import Qwen3NextConfig
+from qwen3next_jax.execution import Execution
 
 
 @dataclasses.dataclass
@@ -89,11 +90,6 @@ class RunConfig:
     out_dir: str = "runs"  # the run lives in out_dir/name/{checkpoints, metrics.jsonl, tensorboard, config.yaml}
     steps: int = 200
     seed: int = 0  # parameter initialisation and the step RNG
-    compute_dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    param_dtype: Literal["float32", "bfloat16"] = "float32"  # master weights
-    remat: Literal["none", "full", "dots"] = "none"
-    gdn_impl: str = "auto"  # the Gated DeltaNet kernel (qwen3next_kernels.gdn dispatch)
-    attention_impl: str | None = None  # jax.nn.dot_product_attention's implementation: None (XLA) or "cudnn"
     log_every: int = 10  # progress-bar refresh and TensorBoard; metrics.jsonl gets every step
     eval_every: int = 50  # validation every N steps (and at the end); 0 disables it
     eval_batches: int = 4
@@ -103,6 +99,8 @@ class RunConfig:
 @dataclasses.dataclass
 class TrainConfig:
     model: Qwen3NextConfig = dataclasses.field(default_factory=lambda: Qwen3NextConfig.preset("tiny"))
+    # How the model runs: dtypes (bf16 compute over fp32 masters by default), remat, kernel per family.
+    execution: Execution = dataclasses.field(default_factory=lambda: Execution(compute_dtype="bfloat16"))
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
@@ -119,6 +117,9 @@ class TrainConfig:
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
 MODEL_PRESET_KEY = "preset"
+# Keys that moved, and where to: a config written for an older version gets the new name, not a bare "unknown".
+MOVED = {"train.compute_dtype": "execution.compute_dtype", "train.param_dtype": "execution.param_dtype",
+         "train.remat": "execution.remat", "train.gdn_impl": "execution.gdn", "train.attention_impl": "execution.attention"}
 
 
 class ConfigError(KeyError, TypeError):
@@ -196,12 +197,19 @@ def _section(name: str, cls: type, values: dict[str, Any]):
     hints = typing.get_type_hints(cls)
     allowed = set(hints) | ({MODEL_PRESET_KEY} if cls is Qwen3NextConfig else set())
     for key in values:
+        if f"{name}.{key}" in MOVED:
+            raise ConfigError(f"config key {name}.{key} is now {MOVED[f'{name}.{key}']}")
         if key not in allowed:
             raise ConfigError(f"unknown config key {name}.{key}{_suggest(key, allowed)}")
     typed = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items() if k != MODEL_PRESET_KEY}
     if cls is Qwen3NextConfig:
         base = Qwen3NextConfig.preset(values.get(MODEL_PRESET_KEY) or "tiny")
         return base.replace(**typed) if typed else base
+    if cls is Execution:
+        try:
+            return dataclasses.replace(TrainConfig().execution, **typed)
+        except ValueError as e:  # an implementation or dtype the registry does not know: the message names it
+            raise ConfigError(f"{name}: {e}") from None
     return cls(**typed)
 
 

@@ -42,15 +42,12 @@ class NonFiniteError(RuntimeError):
 
 def build_model(cfg: TrainConfig, mesh) -> Qwen3NextForCausalLM:
     """A fresh model created in its shards, or a Hugging Face checkpoint to fine-tune (its config wins)."""
-    kw = dict(gdn_impl=cfg.train.gdn_impl, attention_impl=cfg.train.attention_impl, remat=cfg.train.remat)
-    compute, param_dtype = jnp.dtype(cfg.train.compute_dtype), jnp.dtype(cfg.train.param_dtype)
     if cfg.checkpoint.init_from_hf:
         from qwen3next_jax.hf_io import load_hf_checkpoint
 
-        return load_hf_checkpoint(cfg.checkpoint.init_from_hf, dtype=param_dtype, mesh=mesh, compute_dtype=compute,
-                                  **kw)
+        return load_hf_checkpoint(cfg.checkpoint.init_from_hf, mesh=mesh, execution=cfg.execution)
     return shd.create_sharded(lambda: Qwen3NextForCausalLM(
-        cfg.model, rngs=nnx.Rngs(cfg.train.seed), dtype=compute, param_dtype=param_dtype, **kw), mesh)
+        cfg.model, rngs=nnx.Rngs(cfg.train.seed), execution=cfg.execution), mesh)
 
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: TrainConfig, lr_schedule):

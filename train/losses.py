@@ -1,8 +1,8 @@
 """The training losses: next-token cross entropy, multi-token prediction, router load balancing and z-loss.
 
-Cross entropy is computed in fp32 over chunks of `chunk_tokens` tokens: each chunk's logits [C, V] are formed in
-fp32 from the bf16 hidden states and LM head, reduced to (logsumexp, target logit) and dropped; the backward pass
-recomputes them (jax.checkpoint). At a 150K vocabulary this keeps C * V fp32 values alive instead of B * T * V.
+Cross entropy is computed in fp32 by the model's LM-head loss (the registry's "loss" family; by default over chunks
+of `chunk_tokens` tokens, whose fp32 logits the backward pass recomputes, so at a 150K vocabulary the step holds
+C * V fp32 values instead of B * T * V).
 
 Targets and masks. Position t of the main head predicts x_{t+1}; position t of MTP depth d predicts x_{t+1+d}.
 A position counts only if it is a real token (segment id != 0) and its target lies in the same packed document
@@ -23,30 +23,6 @@ def shifted_targets(input_ids: jax.Array, segment_ids: jax.Array, shift: int) ->
     return targets, mask.astype(jnp.float32)
 
 
-def chunked_cross_entropy(hidden: jax.Array, lm_head: jax.Array, targets: jax.Array, chunk_tokens: int
-                          ) -> tuple[jax.Array, jax.Array]:
-    """Per-token (cross entropy, logsumexp), both fp32 [B, T], without materialising all fp32 logits.
-
-    hidden [B, T, D] and lm_head [D, V] in the compute dtype; the matmul accumulates in fp32.
-    """
-    B, T, D = hidden.shape
-    n = B * T
-    chunk = min(chunk_tokens, n)
-    pad = -n % chunk
-    h = jnp.pad(hidden.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, chunk, D)
-    y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)
-
-    @jax.checkpoint  # the backward recomputes this chunk's logits rather than storing them
-    def one_chunk(h_c, y_c):
-        logits = jnp.dot(h_c, lm_head, preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        target_logit = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
-        return lse - target_logit, lse
-
-    ce, lse = jax.lax.map(lambda args: one_chunk(*args), (h, y))
-    return ce.reshape(-1)[:n].reshape(B, T), lse.reshape(-1)[:n].reshape(B, T)
-
-
 def token_counts(segment_ids: jax.Array, mtp_depths: int) -> dict[str, jax.Array]:
     """Predicted-token counts of a whole (accumulated) batch: the denominators of the mean losses."""
     counts = {"main": shifted_targets(segment_ids, segment_ids, 1)[1].sum()}
@@ -58,19 +34,18 @@ def token_counts(segment_ids: jax.Array, mtp_depths: int) -> dict[str, jax.Array
 def per_token_losses(model, batch: dict[str, jax.Array], chunk_tokens: int):
     """The forward pass and every per-token loss, unreduced: what the packing test compares.
 
-    Returns (main: (ce, lse, mask) [B, T], mtp: list over depths of (ce, mask), router aux loss summed over the
-    main and MTP MoE layers).
+    Returns (main: (ce, lse, mask) [B, T], mtp: list over depths of (ce, mask), router statistics (interface.Aux)
+    of the main and MTP MoE layers).
     """
     ids, seg, pos = batch["input_ids"], batch["segment_ids"], batch["positions"]
     hidden, aux = model.hidden_states(ids, seg, pos)
-    w = model.lm_head_weight()
     targets, mask = shifted_targets(ids, seg, 1)
-    ce, lse = chunked_cross_entropy(hidden, w, targets, chunk_tokens)
+    ce, lse = model.cross_entropy(hidden, targets, chunk_tokens)
     mtp = []
     for d, (hidden_d, aux_d) in enumerate(model.mtp_hidden_states(hidden, ids, seg, pos), start=1):
         targets_d, mask_d = shifted_targets(ids, seg, 1 + d)
-        mtp.append((chunked_cross_entropy(hidden_d, w, targets_d, chunk_tokens)[0], mask_d))
-        aux = aux + aux_d
+        mtp.append((model.cross_entropy(hidden_d, targets_d, chunk_tokens)[0], mask_d))
+        aux = aux.combine(aux_d)
     return (ce, lse, mask), mtp, aux
 
 
@@ -79,7 +54,8 @@ def loss_and_metrics(model, batch, counts: dict[str, jax.Array], *, mtp_weight: 
     """This micro-batch's share of the batch loss: token sums are divided by the whole batch's counts and the
     router loss by the number of micro-batches, so summing over micro-batches gives the full batch's loss."""
     (ce, lse, mask), mtp, aux = per_token_losses(model, batch, chunk_tokens)
-    metrics = {"ce": jnp.sum(ce * mask) / counts["main"], "aux": aux / n_micro}
+    metrics = {"ce": jnp.sum(ce * mask) / counts["main"], "aux": aux.load_balancing / n_micro,
+               "expert_load_max": aux.load_max_over_mean / n_micro, "dropped": aux.dropped}
     loss = metrics["ce"] + aux_coef * metrics["aux"]
     if z_loss_coef:
         metrics["z_loss"] = jnp.sum(jnp.square(lse) * mask) / counts["main"]

@@ -1,14 +1,15 @@
-"""The one entry point of the Gated DeltaNet input conv and the choice of implementation behind it."""
-import jax
+"""The one entry point of the Gated DeltaNet input conv; the registry (qwen3next_kernels.registry, family "conv")
+picks the implementation: the Mosaic GPU kernels where their tests cover the call, else plain JAX."""
+import jax.numpy as jnp
 
-from qwen3next_kernels.conv.reference import check_shapes, reference_split_conv
+from qwen3next_kernels.conv.reference import check_shapes
+from qwen3next_kernels.registry import FAMILIES
 
-IMPLS = ("auto", "xla", "pallas_gpu")
 
-
-def _pallas_gpu():
-    from qwen3next_kernels.conv import pallas_gpu
-    return pallas_gpu
+def site(qkvz, kernel, *, key_heads, key_dim, value_heads, value_dim) -> dict:
+    """The facts the registry resolves an implementation from."""
+    return dict(key_heads=key_heads, key_dim=key_dim, value_heads=value_heads, value_dim=value_dim,
+                taps=kernel.shape[0], dtype=jnp.dtype(qkvz.dtype).name)
 
 
 def split_conv(qkvz, kernel, segment_ids=None, *, key_heads, key_dim, value_heads, value_dim, impl="auto"):
@@ -16,18 +17,8 @@ def split_conv(qkvz, kernel, segment_ids=None, *, key_heads, key_dim, value_head
     with q, k, v through the causal depthwise conv (kernel [W, channels of cat(q, k, v)]) and SiLU; the conv
     window restarts at each document of segment_ids [B, T]. See reference.py.
 
-    impl: "xla" (plain JAX), "pallas_gpu" (Mosaic GPU kernels, Hopper) or "auto": the kernels where their tests
-    cover the call, else plain JAX."""
+    impl: "auto" or a name in the registry's "conv" family: "xla" (plain JAX), "pallas_gpu" (Mosaic GPU kernels,
+    Hopper)."""
     dims = dict(key_heads=key_heads, key_dim=key_dim, value_heads=value_heads, value_dim=value_dim)
     check_shapes(qkvz, kernel, segment_ids, **dims)
-    if impl == "xla":
-        fn = reference_split_conv
-    elif impl == "pallas_gpu":
-        fn = _pallas_gpu().split_conv
-    elif impl == "auto":
-        fn = reference_split_conv
-        if jax.default_backend() == "gpu" and _pallas_gpu().supports(qkvz, kernel, segment_ids, **dims):
-            fn = _pallas_gpu().split_conv
-    else:
-        raise ValueError(f"unknown impl {impl!r}; choose one of {list(IMPLS)}")
-    return fn(qkvz, kernel, segment_ids, **dims)
+    return FAMILIES["conv"].call(impl, site(qkvz, kernel, **dims), qkvz, kernel, segment_ids, **dims)

@@ -52,11 +52,12 @@ def _geometry(key_heads, key_dim, value_heads, value_dim):
     return bw, nq, nvb, nconv, nconv + r * nvb
 
 
-def supports(qkvz, kernel, segment_ids=None, *, key_heads, key_dim, value_heads, value_dim):
+def supports(platform, site):
     """True only for calls the GPU tests cover: a Hopper GPU, bf16 activations, head dims multiples of 64,
     2 to HALO + 1 taps."""
-    return (mgpu.on_hopper() and qkvz.dtype == jnp.bfloat16 and key_dim % 64 == 0 and value_dim % 64 == 0
-            and 2 <= kernel.shape[0] <= HALO + 1 and value_heads % key_heads == 0)
+    return (platform.is_hopper and site["dtype"] == "bfloat16" and site["key_dim"] % 64 == 0
+            and site["value_dim"] % 64 == 0 and 2 <= site["taps"] <= HALO + 1
+            and site["value_heads"] % site["key_heads"] == 0)
 
 
 def _blocks(kernel, key_heads, key_dim, value_heads, value_dim, bw):

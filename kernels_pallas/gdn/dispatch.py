@@ -1,34 +1,17 @@
-"""The one entry point of the Gated DeltaNet op and the choice of implementation behind it.
-
-Pallas kernels plug in through KERNELS: an entry names the kernel's module (imported lazily, only when chosen)
-and the backend it runs on. The module defines
-    supports(q, k, v, g, beta, *, initial_state, segment_ids, use_qk_l2norm, scale, chunk_size) -> bool
-        True only for calls its tests cover (shapes, dtypes, options), and
-    gated_delta_rule(q, k, v, g, beta, *, initial_state, segment_ids, use_qk_l2norm, scale, chunk_size)
-        with this module's semantics and return value.
-impl="auto" takes the first kernel whose backend is jax.default_backend(), whose module imports and whose
-supports() accepts the call; otherwise the chunked pure-JAX form (slower, never wrong).
+"""The one entry point of the Gated DeltaNet op; the registry (qwen3next_kernels.registry, family "gdn") picks the
+implementation: the Pallas kernels where their tests cover the call, else the chunked pure-JAX form (slower, never
+wrong), or the token-by-token reference when asked for by name.
 """
-import importlib
-from typing import NamedTuple
-
-import jax
 import jax.numpy as jnp
 
-from qwen3next_kernels.gdn.chunked import chunked_gated_delta_rule
-from qwen3next_kernels.gdn.reference import reference_gated_delta_rule
+from qwen3next_kernels.registry import FAMILIES
 
 
-class Kernel(NamedTuple):
-    module: str  # importable module defining supports() and gated_delta_rule()
-    backend: str  # the jax.default_backend() it runs on
-
-
-KERNELS = {  # in order of preference for impl="auto"
-    "pallas_tpu": Kernel("qwen3next_kernels.gdn.pallas_tpu", "tpu"),
-    "pallas_gpu": Kernel("qwen3next_kernels.gdn.pallas_gpu", "gpu"),
-}
-PURE_JAX = {"reference": reference_gated_delta_rule, "chunked": chunked_gated_delta_rule}
+def site(q, k, v, chunk_size=64) -> dict:
+    """The facts the registry resolves an implementation from, for q, k [B, T, H, K] and v [B, T, HV, V]."""
+    dtypes = {jnp.dtype(x.dtype).name for x in (q, k, v)}
+    return dict(key_heads=q.shape[2], value_heads=v.shape[2], key_dim=q.shape[3], value_dim=v.shape[3],
+                dtype=dtypes.pop() if len(dtypes) == 1 else "mixed", chunk_size=chunk_size)
 
 
 def _check_shapes(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
@@ -54,24 +37,6 @@ def _check_shapes(q, k, v, g, beta, initial_state, segment_ids, chunk_size):
         raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}")
 
 
-def _load(name):
-    module = importlib.import_module(KERNELS[name].module)
-    return module.supports, module.gated_delta_rule
-
-
-def _auto(args, options):
-    for name, kernel in KERNELS.items():
-        if kernel.backend != jax.default_backend():
-            continue
-        try:
-            supports, fn = _load(name)
-        except ImportError:  # kernel not built for this install (or not written yet)
-            continue
-        if supports(*args, **options):
-            return fn
-    return chunked_gated_delta_rule
-
-
 def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
                      impl="auto", chunk_size=64):
     """Gated DeltaNet, per (batch, value head) with fp32 state S [K, V]:
@@ -81,19 +46,10 @@ def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, 
     g (log decay, <= 0) and beta [B, T, HV]; initial_state [B, HV, K, V]. q and k are L2-normalised in fp32
     (if use_qk_l2norm), then q is multiplied by scale (default K**-0.5). segment_ids [B, T]: the state restarts
     from zero wherever the id differs from the previous position's; initial_state belongs to position 0's document.
-    impl: "auto", "reference", "chunked" or a name in KERNELS.
+    impl: "auto" or a name in the registry's "gdn" family (pallas_tpu, pallas_gpu, reference, chunked).
     Returns o [B, T, HV, V] in v's dtype and the fp32 state after the last position [B, HV, K, V].
     """
     _check_shapes(q, k, v, g, beta, initial_state, segment_ids, chunk_size)
-    args = (q, k, v, g, beta)
-    options = dict(initial_state=initial_state, segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm, scale=scale,
-                   chunk_size=chunk_size)
-    if impl == "auto":
-        fn = _auto(args, options)
-    elif impl in PURE_JAX:
-        fn = PURE_JAX[impl]
-    elif impl in KERNELS:
-        fn = _load(impl)[1]
-    else:
-        raise ValueError(f"unknown impl {impl!r}; choose one of {['auto', *PURE_JAX, *KERNELS]}")
-    return fn(*args, **options)
+    return FAMILIES["gdn"].call(impl, site(q, k, v, chunk_size), q, k, v, g, beta, initial_state=initial_state,
+                                segment_ids=segment_ids, use_qk_l2norm=use_qk_l2norm, scale=scale,
+                                chunk_size=chunk_size)

@@ -48,7 +48,6 @@ STATE_STAGES = 2  # TMA pipeline depth of the two sequential state kernels (1 at
 V_SLICE = {64: 128, 128: 128, 256: 64}  # widest value block each key head dim's kernels fit in SMEM
 GAMW = 32  # per-chunk state decay is stored in 128-byte rows (TMA destinations in SMEM must be 128-byte aligned)
 
-SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16),)
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 
 
@@ -727,25 +726,13 @@ def _chunk_cumsum(x, *, axis=-1, reverse=False):
 _gdn.defvjp(_gdn_fwd, _bwd)
 
 
-def supports(q, k, v, g=None, beta=None, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
-             chunk_size=64, **_):
-    """True only for calls the GPU tests cover: a Hopper GPU (sm_90), bf16 q/k/v, key and value head dims 64, 128
-    or 256, HV a multiple of H, chunk size 64; any T, B, initial state, segment_ids, with or without the L2 norm."""
-    if not mgpu.on_hopper():
-        return False
-    if chunk_size != C or q.ndim != 4 or k.shape != q.shape or v.ndim != 4:
-        return False
-    B, T, H, K = q.shape
-    HV, V = v.shape[2], v.shape[3]
-    if v.shape[:2] != (B, T) or HV % H or T < 1:
-        return False
-    if jnp.dtype(q.dtype) not in SUPPORTED_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        return False
-    if K not in SUPPORTED_HEAD_DIMS or V not in SUPPORTED_HEAD_DIMS:
-        return False
-    if scale is not None and not isinstance(scale, (int, float)):
-        return False  # the scale is a compile-time constant of the kernels
-    return True
+def supports(platform, site):
+    """True only for calls the GPU tests cover: a Hopper GPU, bf16 q/k/v, key and value head dims 64, 128 or 256,
+    value heads a multiple of key heads, chunks of 64; any T, B, initial state, segment_ids, with or without the
+    L2 norm (the scale must be a Python number: it is a compile-time constant of the kernels)."""
+    return (platform.is_hopper and site["dtype"] == "bfloat16" and site.get("chunk_size", C) == C
+            and site["key_dim"] in SUPPORTED_HEAD_DIMS and site["value_dim"] in SUPPORTED_HEAD_DIMS
+            and site["value_heads"] % site["key_heads"] == 0)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,

@@ -447,21 +447,18 @@ _gdn.defvjp(_gdn_fwd, _gdn_bwd)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Public interface (see kernels_pallas/gdn/dispatch.py)
+# Public interface (the registry's "gdn" family: kernels_pallas/registry.py)
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_CHUNKS = (32, 64, 128)
-SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+SUPPORTED_DTYPES = ("float32", "bfloat16")
 
 
-def supports(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
-             chunk_size=64):
-    """True for the calls the tests cover: head dims 64/128/256, chunk 32/64/128, fp32 or bf16 q/k/v of one
-    dtype."""
-    del g, beta, initial_state, segment_ids, use_qk_l2norm, scale
-    return (q.shape[-1] in SUPPORTED_HEAD_DIMS and v.shape[-1] in SUPPORTED_HEAD_DIMS
-            and chunk_size in SUPPORTED_CHUNKS
-            and q.dtype == k.dtype == v.dtype and any(q.dtype == d for d in SUPPORTED_DTYPES))
+def supports(platform, site):
+    """True for the calls the tests cover, on a TPU: head dims 64/128/256, chunk 32/64/128, fp32 or bf16."""
+    return (platform.backend == "tpu" and site["key_dim"] in SUPPORTED_HEAD_DIMS
+            and site["value_dim"] in SUPPORTED_HEAD_DIMS and site.get("chunk_size", 64) in SUPPORTED_CHUNKS
+            and site["dtype"] in SUPPORTED_DTYPES)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
