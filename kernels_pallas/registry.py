@@ -123,6 +123,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         Impl("xla", f"{_K}.attention.reference:attention"))),
     Family("moe", (
         Impl("ragged_dot", f"{_K}.moe.reference:expert_mlp"),
+        Impl("pallas_gpu", f"{_K}.moe.pallas_gpu:expert_mlp"),
         Impl("tiled", f"{_K}.moe.tiled:expert_mlp"))),
     Family("loss", (
         Impl("reference", f"{_K}.cross_entropy.reference:linear_cross_entropy", auto=False),

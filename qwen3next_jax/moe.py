@@ -3,7 +3,7 @@
 Routing: softmax over all experts in fp32, top-k, optional renormalisation of the k weights, cast to the activation
 dtype. Dispatch is dropless and sort-based: the N*k (token, expert) assignments are sorted by expert, so each
 expert's rows are contiguous, and the experts' SwiGLU MLP (the registry's "moe" family) runs every expert at once
-on the sorted rows. Both permutations are gathers whose transposes are gathers too (by the inverse permutation):
+on the sorted rows. Dispatch and combine are gathers whose transposes are gathers too (by the inverse permutation):
 no scatter-add in the forward or the backward.
 """
 
@@ -81,12 +81,33 @@ gather_to_experts.defvjp(_gather_to_experts_fwd, _gather_to_experts_bwd)
 
 
 @jax.custom_vjp
-def permute(x, perm, inverse):
-    """x[perm] for a permutation perm whose inverse is given: the transpose is x[inverse], a gather too."""
-    return x[perm]
+def combine_from_experts(y_sorted, weights, order, inverse):
+    """out[n] = sum_j weights[n, j] y_sorted[inverse[n k + j]]: each token's k expert outputs, weighted.
+    y_sorted [N*k, D] in expert order, weights [N, k]. The backward gathers too: d y_sorted[m] is token
+    order[m] // k's output gradient times its weight (one pass), d weights a gathered dot."""
+    return _combine(y_sorted, weights, inverse)
 
 
-permute.defvjp(lambda x, perm, inverse: (x[perm], inverse), lambda inverse, g: (g[inverse], None, None))
+def _combine(y_sorted, weights, inverse):
+    N, k = weights.shape
+    y = y_sorted[inverse].reshape(N, k, y_sorted.shape[-1])                  # [N, k, D]
+    return jnp.einsum("nkd,nk->nd", y, weights)
+
+
+def _combine_fwd(y_sorted, weights, order, inverse):
+    return _combine(y_sorted, weights, inverse), (y_sorted, weights, order, inverse)
+
+
+def _combine_bwd(res, dout):
+    y_sorted, weights, order, inverse = res
+    N, k = weights.shape
+    d_y_sorted = (weights.reshape(-1)[order][:, None] * dout[order // k]).astype(y_sorted.dtype)
+    y = y_sorted[inverse].reshape(N, k, y_sorted.shape[-1])
+    d_weights = jnp.einsum("nkd,nd->nk", y, dout, preferred_element_type=jnp.float32).astype(weights.dtype)
+    return d_y_sorted, d_weights, None, None
+
+
+combine_from_experts.defvjp(_combine_fwd, _combine_bwd)
 
 
 def sort_by_expert(top_idx: jax.Array, num_experts: int):
@@ -145,8 +166,7 @@ class SparseMoE(nnx.Module):
         probs, top_w, top_idx = self.route(x2)
         order, inverse, group_sizes = sort_by_expert(top_idx, probs.shape[-1])
         y_sorted = self.experts(gather_to_experts(x2, order, inverse, k), group_sizes)   # [N*k, D]
-        y = permute(y_sorted, inverse, order).reshape(B * T, k, D)                     # back to (token, slot)
-        routed = jnp.einsum("nkd,nk->nd", y, top_w)
+        routed = combine_from_experts(y_sorted, top_w, order, inverse)                 # [N, D]
         shared = self.shared_expert(x2)[0] * jax.nn.sigmoid(self.shared_expert_gate(x2))
         aux = router_stats(probs, top_idx, ctx.token_mask.reshape(-1))
         return (routed + shared).reshape(B, T, D), aux

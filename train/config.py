@@ -119,7 +119,8 @@ SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
 MODEL_PRESET_KEY = "preset"
 # Keys that moved, and where to: a config written for an older version gets the new name, not a bare "unknown".
 MOVED = {"train.compute_dtype": "execution.compute_dtype", "train.param_dtype": "execution.param_dtype",
-         "train.remat": "execution.remat", "train.gdn_impl": "execution.gdn", "train.attention_impl": "execution.attention"}
+         "train.remat": "execution.remat", "train.gdn_impl": "execution.gdn",
+         "train.attention_impl": "execution.attention"}
 
 
 class ConfigError(KeyError, TypeError):
