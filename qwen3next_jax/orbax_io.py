@@ -145,6 +145,7 @@ class ParamArrays:
         self._use_ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
         self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._use_ocdbt)
         self._open = (None, None)  # (path, tensorstore) of the leaf being read
+        self._last = (None, None)  # ((path, r), host array) last read
 
     @staticmethod
     def _key(path: tuple) -> tuple:
@@ -183,18 +184,26 @@ class ParamArrays:
         raise CheckpointMismatchError("\n".join(lines))
 
     def __call__(self, spec: LeafSpec, r: int) -> np.ndarray:
-        """Our-layout host array of repeat r of `spec`'s leaf (the whole leaf when not stacked), in spec.dtype."""
+        """Our-layout host array of repeat r of `spec`'s leaf (the whole leaf when not stacked), in spec.dtype; the
+        last one is kept, as the writer asks for each expert of a (leaf, repeat) in turn."""
+        if self._last[0] != (spec.path, r):
+            self._last = (None, None)  # drop the previous one before reading the next
+            self._last = ((spec.path, r), self.read(spec, r))
+        return self._last[1]
+
+    def read(self, spec: LeafSpec, r: int) -> np.ndarray:
+        """__call__'s array, read from storage."""
         path, store = self._open
+        name = self.meta(spec.path).name
         if path != spec.path:
             store = None  # let the previous leaf's store go before opening the next
-            meta = self.meta(spec.path)
-            info = ocp.type_handlers.ParamInfo(name=meta.name, parent_dir=self.directory, use_zarr3=self._use_zarr3,
+            info = ocp.type_handlers.ParamInfo(name=name, parent_dir=self.directory, use_zarr3=self._use_zarr3,
                                                ts_context=self._context)
             tspec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._use_ocdbt)
-            store = self._ts(meta.name, lambda: ts.open(tspec, open=True, context=self._context).result())
+            store = self._ts(name, lambda: ts.open(tspec, open=True, context=self._context).result())
             self._open = (spec.path, store)
         part = store[r] if spec.stacked else store
-        host = self._ts(self.meta(spec.path).name, lambda: part.read().result())
+        host = self._ts(name, lambda: part.read().result())
         return host if host.dtype == spec.dtype else host.astype(spec.dtype)
 
     def _ts(self, name: str, op):

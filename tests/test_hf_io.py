@@ -24,7 +24,7 @@ from qwen3next_jax import convert
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.execution import Execution
 from qwen3next_jax.hf import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
-from qwen3next_jax.hf import load as hf_load, names as hf_names, save as hf_save
+from qwen3next_jax.hf import files as hf_files, load as hf_load, names as hf_names, save as hf_save
 from qwen3next_jax.hf.safetensors import SafetensorsReader
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
@@ -319,6 +319,82 @@ def test_missing_files(tmp_path):
     os.remove(os.path.join(path, "model-00002-of-00004.safetensors"))
     with pytest.raises(FileNotFoundError, match="model-00002-of-00004.safetensors"):
         load_hf_checkpoint(path)
+
+
+def _truncate(file, keep):
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data[:keep] if keep >= 0 else data[:len(data) + keep])
+
+
+def _overwrite(file, content: bytes):
+    with open(file, "wb") as f:
+        f.write(content)
+
+
+def _retype(tensors):
+    tensors["model.layers.0.linear_attn.A_log"] = tensors["model.layers.0.linear_attn.A_log"].astype(np.int32)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] > 0
+
+
+def _edit_json(file, edit):
+    with open(file) as f:
+        value = json.load(f)
+    with open(file, "w") as f:
+        json.dump(edit(value), f)
+
+
+def _listed(index):
+    return {"weight_map": {k: [f] for k, f in index["weight_map"].items()}}
+
+
+SHARD2 = "model-00002-of-00004.safetensors"
+INDEX = "model.safetensors.index.json"
+# (case, golden, damage(path), error type, substrings the message must hold). Each names the file (and tensors).
+BAD_HF_INPUTS = [
+    ("truncated shard", "tiny", lambda p: _truncate(os.path.join(p, SHARD2), -100), hf_files.CheckpointError,
+     [SHARD2, "not a readable safetensors file", "incomplete metadata"]),
+    ("truncated header", "odd", lambda p: _truncate(os.path.join(p, "model.safetensors"), 50),
+     hf_files.CheckpointError, ["model.safetensors", "not a readable safetensors file"]),
+    ("empty file", "odd", lambda p: _overwrite(os.path.join(p, "model.safetensors"), b""), hf_files.CheckpointError,
+     ["model.safetensors", "header too small"]),
+    ("not safetensors", "odd", lambda p: _overwrite(os.path.join(p, "model.safetensors"), b"PK\x03\x04" * 64),
+     hf_files.CheckpointError, ["model.safetensors", "not a readable safetensors file"]),
+    ("integer and bool tensors", "odd", lambda p: rewrite_single(p, _retype), CheckpointMismatchError,
+     ["2 tensor(s) stored as a non-floating dtype", "model.layers.0.linear_attn.A_log  I32  (in model.safetensors)",
+      "model.norm.weight  BOOL"]),
+    ("corrupt config.json", "odd",
+     lambda p: _overwrite(os.path.join(p, "config.json"), b'{"model_type": "qwen3_next",\n  "hidden_size": }'),
+     hf_files.CheckpointError, ["config.json", "not valid JSON (line 2"]),
+    ("config.json not an object", "odd", lambda p: _overwrite(os.path.join(p, "config.json"), b"[1, 2]"),
+     hf_files.CheckpointError, ["config.json", "expected a JSON object"]),
+    ("config.json not UTF-8", "odd", lambda p: _overwrite(os.path.join(p, "config.json"), b'{"a": "\xff\xfe"}'),
+     hf_files.CheckpointError, ["config.json", "not UTF-8"]),
+    ("corrupt index", "tiny", lambda p: _truncate(os.path.join(p, INDEX), 40), hf_files.CheckpointError,
+     [INDEX, "not valid JSON"]),
+    ("index without weight_map", "tiny", lambda p: _edit_json(os.path.join(p, INDEX), lambda v: v["metadata"]),
+     hf_files.CheckpointError, [INDEX, "weight_map"]),
+    ("index mapping to a list", "tiny",
+     lambda p: _edit_json(os.path.join(p, INDEX), _listed),
+     hf_files.CheckpointError, [INDEX, "weight_map"]),
+]
+
+
+@pytest.mark.parametrize("case,golden,damage,error,parts", BAD_HF_INPUTS, ids=[c[0] for c in BAD_HF_INPUTS])
+def test_bad_hf_input_is_named(tmp_path, capsys, case, golden, damage, error, parts):
+    """Each damaged checkpoint raises one error naming the file (and tensors) from the API, and ends
+    `qwen3next-convert hf-to-orbax` with exit status 1 and that message, without a traceback and without output."""
+    path = copy_golden(golden, tmp_path)
+    damage(path)
+    with pytest.raises(error) as e:
+        load_hf_checkpoint(path)
+    for part in parts:
+        assert part in str(e.value), (part, str(e.value))
+    assert convert.main(["hf-to-orbax", "--hf", path, "--out", str(tmp_path / "orb"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(part in err for part in parts), err
+    assert not os.path.exists(tmp_path / "orb" / "params")
 
 
 # ------------------------------------------------------------------------------------------------------ configs

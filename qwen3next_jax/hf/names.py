@@ -147,7 +147,8 @@ def leaf_specs(model) -> list[LeafSpec]:
             names = [[t] for t in template]
         specs.append(LeafSpec(tuple(path), shape, dtype, stacked, per_expert, names, transform))
     if unmapped:
-        raise NotImplementedError(f"qwen3next_jax.hf.names.HF_TABLE has no entry for parameter(s) {unmapped}; extend the table")
+        raise NotImplementedError(f"qwen3next_jax.hf.names.HF_TABLE has no entry for parameter(s) {unmapped}; "
+                                  "extend the table")
     specs.sort(key=lambda s: hf_order(s.hf_names[0][0]))
     return specs
 
