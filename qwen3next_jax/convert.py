@@ -113,8 +113,8 @@ def orbax_to_hf(orbax_dir, out, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype=Non
 
 def train_to_hf(run_dir, out, step=None, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
                 progress=True) -> list[str]:
-    """A trainer run's checkpoint -> a Hugging Face directory that transformers and vLLM load: config.json,
-    safetensors (+ index), the run's tokenizer files and generation_config.json. Returns the written file names."""
+    """A trainer run's checkpoint -> a Hugging Face directory as transformers writes one: config.json, safetensors
+    (+ index), the run's tokenizer files and generation_config.json. Returns the written file names."""
     t0 = time.time()
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     ckpt = open_run_checkpoint(run_dir, step)

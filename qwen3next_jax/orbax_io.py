@@ -16,11 +16,11 @@ under each parameter); `config` is the resolved trainer config as JSON, its `mod
 
 `ParamArrays` reads the parameters of either for export, one (leaf, repeat) at a time, with tensorstore: it opens
 each array through the name and storage format in Orbax's own metadata (orbax.checkpoint.type_handlers'
-get_json_tspec_read, the spec Orbax's restore opens) and reads only the repeat asked for, so no devices are needed,
-nor the topology that wrote the checkpoint, and no host holds more than one (leaf, repeat) of the parameters.
-Tensorstore decodes whole stored chunks: each is one device's shard of a leaf as it was saved (or smaller), and
-since the layer axis is never sharded a stacked leaf's chunks span all its repeats, so they are decoded once per
-repeat.
+get_json_tspec_read: the spec Orbax's own restore opens; public in orbax-checkpoint 0.12.8 though marked deprecated,
+with no public successor) and reads only the repeat asked for. So no devices are needed, nor the topology that
+wrote the checkpoint, and no host holds more than one (leaf, repeat) of the parameters. Tensorstore decodes whole
+stored chunks: each is one device's shard of a leaf as it was saved (or smaller), and since the layer axis is never
+sharded a stacked leaf's chunks span all its repeats, so they are decoded once per repeat.
 """
 
 from __future__ import annotations

@@ -47,29 +47,34 @@ class SafetensorsReader:
         self.file_of: dict[str, str] = {}
         self.shape: dict[str, tuple] = {}
         self.dtype: dict[str, str] = {}
-        for fn in files:
-            full = os.path.join(self.path, fn)
-            if not os.path.exists(full):
-                raise FileNotFoundError(f"{self.path}: shard {fn} named in {INDEX_FILE} is missing")
-            try:
-                handle = safe_open(full, framework="numpy")
-            except SafetensorError as e:
-                self.close()
-                raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from None
-            self._handles[fn] = handle
-            for name in handle.keys():
-                if weight_map is not None and weight_map.get(name) != fn:
-                    continue  # the index is authoritative (a tensor in a shard but not mapped there is ignored)
-                sl = handle.get_slice(name)
-                self.file_of[name] = fn
-                self.shape[name] = tuple(sl.get_shape())
-                self.dtype[name] = sl.get_dtype()
-        if weight_map is not None:
-            absent = sorted(n for n in weight_map if n not in self.file_of)
+        try:
+            for fn in files:
+                self._open(fn, weight_map)
+            absent = sorted(n for n in weight_map or () if n not in self.file_of)
             if absent:
                 raise CheckpointMismatchError(
                     f"{self.path}: {INDEX_FILE} maps {len(absent)} tensor(s) to shards that do not hold them: "
                     + ", ".join(f"{n} -> {weight_map[n]}" for n in absent[:20]))
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, fn: str, weight_map: dict[str, str] | None) -> None:
+        full = os.path.join(self.path, fn)
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"{self.path}: shard {fn} named in {INDEX_FILE} is missing")
+        try:
+            handle = safe_open(full, framework="numpy")
+        except SafetensorError as e:
+            raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from None
+        self._handles[fn] = handle
+        for name in handle.keys():
+            if weight_map is not None and weight_map.get(name) != fn:
+                continue  # the index is authoritative (a tensor in a shard but not mapped there is ignored)
+            sl = handle.get_slice(name)
+            self.file_of[name] = fn
+            self.shape[name] = tuple(sl.get_shape())
+            self.dtype[name] = sl.get_dtype()
 
     def names(self) -> list[str]:
         return list(self.file_of)
