@@ -69,7 +69,8 @@ def flat_params(model) -> dict:
     return {".".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model))}
 
 
-def test_train_to_hf_round_trip_fp32(run, tmp_path):
+@pytest.mark.slow  # one training run (compiling the step takes most of a minute on 2 cores); every check uses it
+def test_train_to_hf_round_trip(run, tmp_path):
     run_dir, cfg = run
     out = tmp_path / "hf"
     assert convert.main(["train-to-hf", "--run", run_dir, "--out", str(out), "--dtype", "fp32",
@@ -94,17 +95,14 @@ def test_train_to_hf_round_trip_fp32(run, tmp_path):
     assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": BYTE_EOS}
     assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == EOS_TOKEN
 
-
-def test_train_to_hf_older_step_in_bf16(run, tmp_path):
-    run_dir, cfg = run
-    out = tmp_path / "hf16"
-    convert.train_to_hf(run_dir, out, step=1, dtype="bf16", progress=False)
-    with open(out / "config.json") as f:
+    # an older step, cast to bf16
+    convert.train_to_hf(run_dir, tmp_path / "hf16", step=1, dtype="bf16", progress=False)
+    with open(tmp_path / "hf16" / "config.json") as f:
         assert json.load(f)["dtype"] == "bfloat16"
-    ours, ref = flat_params(load_hf_checkpoint(out)), flat_params(trainer_model(run_dir, 1, cfg))
-    assert all(ours[k].dtype == ml_dtypes.bfloat16 and ours[k].tobytes() == ref[k].astype(ml_dtypes.bfloat16).tobytes()
-               for k in ref)
-    assert any(not np.array_equal(ref[k], flat_params(trainer_model(run_dir, 2, cfg))[k]) for k in ref)  # step 1
+    ours16, ref1 = flat_params(load_hf_checkpoint(tmp_path / "hf16")), flat_params(trainer_model(run_dir, 1, cfg))
+    assert all(ours16[k].dtype == ml_dtypes.bfloat16 and
+               ours16[k].tobytes() == ref1[k].astype(ml_dtypes.bfloat16).tobytes() for k in ref1)
+    assert any(not np.array_equal(ref1[k], p[k]) for k in p)  # step 1 is not step 2
 
 
 _TOKENIZER_RUN = r"""
@@ -117,13 +115,13 @@ print(json.dumps([tok(t, add_special_tokens=True)["input_ids"] for t in texts] +
 
 
 @pytest.mark.torch
-def test_transformers_loads_a_trained_model(run, tmp_path):
+def test_transformers_loads_a_trained_model(request, tmp_path):
     """transformers' Qwen3NextForCausalLM gives the trainer's logits on the exported run, and its AutoTokenizer the
     trainer's byte ids."""
     python = _torch_python()
     if python is None:
         pytest.skip("torch + transformers not installed")
-    run_dir, cfg = run
+    run_dir, cfg = request.getfixturevalue("run")  # train only where the test runs
     convert.train_to_hf(run_dir, tmp_path / "trained", dtype="fp32", progress=False)
     ids = np.random.default_rng(1).integers(0, BYTE_EOS + 1, (2, 37)).astype(np.int64)
     np.save(tmp_path / "ids.npy", ids)
