@@ -1,174 +1,242 @@
-"""Convert checkpoints between Hugging Face safetensors and Orbax.
+"""Convert checkpoints: Hugging Face safetensors <-> Orbax params checkpoints, and trained models out to Hugging Face.
 
-    python -m qwen3next_jax.convert hf-to-orbax --hf HF_DIR --out ORBAX_DIR [--dtype bf16]
-    python -m qwen3next_jax.convert orbax-to-hf --orbax ORBAX_DIR --out HF_DIR [--max-shard-size 5GB] [--dtype fp32]
+    qwen3next-convert hf-to-orbax --hf HF_DIR --out ORBAX_DIR [--dtype bf16] [--mesh fsdp=8]
+    qwen3next-convert orbax-to-hf --orbax ORBAX_DIR --out HF_DIR [--max-shard-size 5GB] [--dtype fp32]
+    qwen3next-convert train-to-hf --run RUN_DIR [--step N] --out HF_DIR [--dtype bf16|fp32] [--max-shard-size 5GB]
 
-The Orbax layout (a "params checkpoint"):
+(`python -m qwen3next_jax.convert` is the same command.) The arguments are checked before anything is loaded: a bad
+one ends the command with one message naming it and exit status 2; a checkpoint that turns out unreadable ends it
+with one message naming the file and exit status 1.
 
-    ORBAX_DIR/config.json   the model config, transformers-5 config.json layout (hf_io.hf_config_dict), with
-                            `mtp_num_hidden_layers` and `dtype`
-    ORBAX_DIR/params/       orbax StandardCheckpointer of nnx.to_pure_dict(nnx.state(model, nnx.Param)): the
-                            parameter tree exactly as the model holds it (stacked decoder blocks, [in, out] kernels,
-                            [E, ...] experts, MTP), one array per leaf
+hf-to-orbax reads the HF tensors one leaf at a time and places each leaf in its shards on a mesh (default: every
+device on the fsdp axis), so no device holds the whole model, and Orbax writes each array from its shards. The
+params-checkpoint layout is described in qwen3next_jax.orbax_io; `load_orbax_params` restores one.
 
-`load_orbax_params(dir, dtype=None, mesh=None)` restores it straight into a model (each array read into its shard
-when a mesh is given); a trainer initialises its train state's parameters from it. The trainer's own run
-checkpoints (train/checkpoint.py: a CheckpointManager with items state/data/config) hold optimizer state too and
-are a different thing; `--from-train-checkpoint` is not provided.
+orbax-to-hf and train-to-hf need no devices: they read the Orbax arrays one (leaf, repeat) at a time on the host
+with tensorstore (orbax_io.ParamArrays) and write one safetensors shard at a time. Peak host memory is one output
+shard (--max-shard-size) + one (leaf, repeat) in its stored dtype (and its cast, with --dtype) + the stored chunks
+being decoded (each at most one device's shard of that leaf as the trainer saved it). At 80B-A3B the largest
+(leaf, repeat) is one layer's 512 experts of one projection, [512, 2048, 512]: 2.1 GB in fp32.
 
-Both directions stream: HF tensors are read one leaf at a time (hf_io), Orbax writes and reads per array, and the HF
-export writes one shard at a time. A tqdm bar shows progress.
+train-to-hf writes the parameters of the run's newest complete checkpoint (or of --step N) in their stored dtype (the
+trainer's param_dtype) or --dtype, MTP included, with the model config from the checkpoint's own `config` item; then
+the run's tokenizer (data.tokenizer: a tokenizer.json path is copied with its siblings, "bytes" gets a byte-level
+tokenizer.json, see qwen3next_jax.hf.tokenizer) and a generation_config.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
-from qwen3next_jax import hf_io
 from qwen3next_jax.execution import Execution
+from qwen3next_jax.hf import tokenizer as hf_tokenizer
+from qwen3next_jax.hf.files import CONFIG_NAME, INDEX_FILE, SINGLE_FILE, CheckpointError
+from qwen3next_jax.hf.load import abstract_model, load_hf_checkpoint, read_hf_config
+from qwen3next_jax.hf.names import leaf_specs
+from qwen3next_jax.hf.save import DEFAULT_MAX_SHARD_SIZE, parse_size, write_hf_checkpoint
+from qwen3next_jax.orbax_io import (PARAMS_DIR, ParamArrays, load_orbax_params, open_run_checkpoint,
+                                    save_orbax_params)
 
 DTYPES = {"bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "float32": jnp.float32,
           "f32": jnp.float32, "fp16": jnp.float16, "float16": jnp.float16}
-PARAMS_DIR = "params"
+DEFAULT_MESH = "fsdp=-1"
 
 
-def _dtype(name):
-    if name is None:
-        return None
-    if name not in DTYPES:
-        raise SystemExit(f"unknown --dtype {name!r}; choose from {sorted(DTYPES)}")
-    return DTYPES[name]
+class ArgumentError(ValueError):
+    """A command-line argument that cannot work; the message names it."""
 
 
-def _param_values(model) -> dict:
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-
-def _dominant_dtype(model) -> str:
+def parse_mesh(text: str) -> dict[str, int]:
+    """"fsdp=4,expert=2" -> {"fsdp": 4, "expert": 2} (qwen3next_jax.sharding.make_mesh's axis sizes)."""
     sizes = {}
-    for leaf in jax.tree.leaves(_param_values(model)):
-        sizes[jnp.dtype(leaf.dtype).name] = sizes.get(jnp.dtype(leaf.dtype).name, 0) + leaf.size
-    return max(sizes, key=sizes.get)
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        axis, sep, size = item.partition("=")
+        if not sep or not size.strip().lstrip("-").isdigit():
+            raise ArgumentError(f"--mesh {text!r}: write axis=size pairs, e.g. fsdp=8 or fsdp=4,expert=2")
+        sizes[axis.strip()] = int(size)
+    return sizes
 
 
-def save_orbax_params(model, directory: str | os.PathLike) -> None:
-    """Write `model`'s parameters and config in the layout above (overwrites an existing params/)."""
-    directory = os.path.abspath(os.fspath(directory))
-    os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, PARAMS_DIR), _param_values(model), force=True)
-        ckptr.wait_until_finished()
-    if jax.process_index() == 0:
-        with open(os.path.join(directory, hf_io.CONFIG_NAME), "w") as f:
-            json.dump(hf_io.hf_config_dict(model.config, _dominant_dtype(model)), f, indent=2)
-            f.write("\n")
+def make_mesh_arg(text: str):
+    from qwen3next_jax.sharding import make_mesh
+    try:
+        return make_mesh(**parse_mesh(text))
+    except ValueError as e:
+        raise ArgumentError(f"--mesh {text!r}: {e}") from None
 
 
-def load_orbax_params(directory: str | os.PathLike, dtype=None, mesh=None, execution: Execution | None = None):
-    """A params checkpoint -> Qwen3NextForCausalLM. dtype None keeps the stored dtypes; mesh places each array in
-    its shard (qwen3next_jax.sharding rules); execution: how the model runs (default: in the parameters' dtype)."""
-    directory = os.path.abspath(os.fspath(directory))
-    with open(os.path.join(directory, hf_io.CONFIG_NAME)) as f:
-        hf = json.load(f)
-    cfg = hf_io.Qwen3NextConfig.from_hf_dict(hf)
-    stored = jnp.dtype(hf.get("dtype", "float32"))
-    param_dtype = jnp.dtype(dtype if dtype is not None else stored).name
-    if execution is None:
-        execution = Execution(compute_dtype=param_dtype, param_dtype=param_dtype)
-    model = hf_io.abstract_model(cfg, dataclasses.replace(execution, param_dtype=param_dtype))
-    state = nnx.state(model, nnx.Param)
-    params_dir = os.path.join(directory, PARAMS_DIR)
-    with ocp.StandardCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir)
-        tree_meta = getattr(meta, "item_metadata", meta)
-        tree_meta = getattr(tree_meta, "tree", tree_meta)
-        stored_leaves = {tuple(str(k) for k in path): leaf for path, leaf in _flat(tree_meta)}
-        shardings = hf_io._leaf_shardings(state, mesh) if mesh is not None else {}
-        target = {}
-        for path, var in nnx.to_flat_state(state):
-            value = var.get_value()
-            key = tuple(str(k) for k in path)
-            leaf_meta = stored_leaves.get(key)
-            if leaf_meta is None:
-                raise hf_io.CheckpointMismatchError(f"{params_dir}: no array for parameter {'.'.join(key)}")
-            if tuple(leaf_meta.shape) != tuple(value.shape):
-                raise hf_io.CheckpointMismatchError(
-                    f"{params_dir}: {'.'.join(key)} has shape {list(leaf_meta.shape)}, the model expects "
-                    f"{list(value.shape)}")
-            leaf_dtype = jnp.dtype(dtype) if dtype is not None else leaf_meta.dtype
-            sharding = shardings.get(path) or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-            target[path] = jax.ShapeDtypeStruct(value.shape, leaf_dtype, sharding=sharding)
-        extra = sorted(".".join(k) for k in stored_leaves if k not in {tuple(str(p) for p in t) for t in target})
-        if extra:
-            raise hf_io.CheckpointMismatchError(f"{params_dir}: arrays with no parameter: {extra}")
-        restored = ckptr.restore(params_dir, hf_io.pure_dict_with(state, target))
-    nnx.replace_by_pure_dict(state, restored)
-    nnx.update(model, state)
-    return model
+# ================================================================================================== conversions
 
-
-def _flat(tree, prefix=()):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _flat(v, prefix + (k,))
-    elif isinstance(tree, (list, tuple)) and not hasattr(tree, "shape"):
-        for i, v in enumerate(tree):
-            yield from _flat(v, prefix + (i,))
-    else:
-        yield prefix, tree
-
-
-def hf_to_orbax(hf_path, out, dtype=None, progress=True):
+def hf_to_orbax(hf_path, out, dtype=None, mesh=None, progress=True):
+    """A Hugging Face checkpoint -> a params checkpoint at `out`; each leaf placed in its shards on `mesh`."""
     t0 = time.time()
-    dtype = _dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     execution = None if dtype is None else Execution(compute_dtype=jnp.dtype(dtype).name,
                                                      param_dtype=jnp.dtype(dtype).name)
-    model = hf_io.load_hf_checkpoint(hf_path, execution=execution, progress=progress)
+    model = load_hf_checkpoint(hf_path, mesh=mesh, execution=execution, progress=progress)
     save_orbax_params(model, out)
-    n = sum(x.size for x in jax.tree.leaves(_param_values(model)))
-    print(f"wrote {out}: {n:,} parameters ({_dominant_dtype(model)}) in {time.time() - t0:.1f}s", file=sys.stderr)
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    print(f"wrote {out}: {sum(x.size for x in leaves):,} parameters in {time.time() - t0:.1f}s", file=sys.stderr)
     return model
 
 
-def orbax_to_hf(orbax_dir, out, max_shard_size=hf_io.DEFAULT_MAX_SHARD_SIZE, dtype=None, progress=True):
+def write_hf_from_arrays(arrays: ParamArrays, cfg, out, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+                         progress=True) -> list[str]:
+    """The parameters in an Orbax checkpoint (`arrays`) of a model with config `cfg` -> a Hugging Face checkpoint,
+    streamed one (leaf, repeat) at a time; dtype None keeps each array's stored dtype."""
+    model_dtype = jnp.dtype(dtype).name if dtype is not None else arrays.dominant_dtype()
+    model = abstract_model(cfg, Execution(compute_dtype=model_dtype, param_dtype=model_dtype))
+    arrays.check({p: v.get_value() for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))})
+    specs = leaf_specs(model)
+    if dtype is None:
+        specs = [dataclasses.replace(s, dtype=arrays.meta(s.path).dtype) for s in specs]
+    return write_hf_checkpoint(specs, arrays, cfg, out, max_shard_size, progress=progress)
+
+
+def orbax_to_hf(orbax_dir, out, max_shard_size=DEFAULT_MAX_SHARD_SIZE, dtype=None, progress=True) -> list[str]:
     t0 = time.time()
-    model = load_orbax_params(orbax_dir, dtype=_dtype(dtype) if isinstance(dtype, str) else dtype)
-    files = hf_io.save_hf_checkpoint(model, out, max_shard_size=max_shard_size, progress=progress)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    cfg = read_hf_config(orbax_dir)
+    files = write_hf_from_arrays(ParamArrays(os.path.join(orbax_dir, PARAMS_DIR)), cfg, out, dtype, max_shard_size,
+                                 progress)
     print(f"wrote {out}: {len(files)} files in {time.time() - t0:.1f}s", file=sys.stderr)
-    return model
+    return files
+
+
+def train_to_hf(run_dir, out, step=None, dtype=None, max_shard_size=DEFAULT_MAX_SHARD_SIZE,
+                progress=True) -> list[str]:
+    """A trainer run's checkpoint -> a Hugging Face directory as transformers writes one: config.json, safetensors
+    (+ index), the run's tokenizer files and generation_config.json. Returns the written file names."""
+    t0 = time.time()
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    ckpt = open_run_checkpoint(run_dir, step)
+    cfg = ckpt.model_config
+    tokenizer_json, eos_id = _run_tokenizer(ckpt)
+    files = write_hf_from_arrays(ckpt.params(), cfg, out, dtype, max_shard_size, progress)
+    if jax.process_index() == 0:
+        if tokenizer_json is None:
+            files += hf_tokenizer.write_byte_tokenizer(out, eos_id, cfg.max_position_embeddings)
+        else:
+            files += hf_tokenizer.copy_tokenizer(tokenizer_json, out)
+        files.append(hf_tokenizer.write_generation_config(out, cfg, eos_id))
+    print(f"wrote {out} from step {ckpt.step} of {ckpt.run_dir}: {len(files)} files in {time.time() - t0:.1f}s",
+          file=sys.stderr)
+    return files
+
+
+def _run_tokenizer(ckpt) -> tuple[str | None, int | None]:
+    """(tokenizer.json path or None for the byte tokenizer, the end-of-document id the run trained with), read the
+    way the trainer reads data.tokenizer (qwen3next_train.data.make_tokenizer)."""
+    from qwen3next_train.data import make_tokenizer
+
+    spec = ckpt.tokenizer
+    if spec != "bytes" and not os.path.isfile(spec):
+        raise ArgumentError(f"the run's data.tokenizer {spec!r} (step {ckpt.step}) is not a file here; run the "
+                            f"command from the directory the run was started in, or where that file is")
+    try:
+        tok = make_tokenizer(spec, ckpt.model_config.eos_token_id)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own exception types for a bad file
+        raise ArgumentError(f"the run's data.tokenizer {spec!r} cannot be read ({e})") from None
+    return (None if spec == "bytes" else spec), tok.eos_id
+
+
+# ==================================================================================================== the command
+
+def _check_dir(path: str, flag: str, *, must_hold: tuple[str, ...] = (), any_of: tuple[str, ...] = ()) -> None:
+    if not os.path.isdir(path):
+        raise ArgumentError(f"{flag} {path}: {'not a directory' if os.path.exists(path) else 'does not exist'}")
+    for name in must_hold:
+        if not os.path.exists(os.path.join(path, name)):
+            raise ArgumentError(f"{flag} {path}: has no {name}")
+    if any_of and not any(os.path.exists(os.path.join(path, name)) for name in any_of):
+        raise ArgumentError(f"{flag} {path}: has neither {' nor '.join(any_of)}")
+
+
+def _check_out(out: str, source: str) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ArgumentError(f"--out {out}: exists and is not a directory")
+    if os.path.abspath(out) == os.path.abspath(source):
+        raise ArgumentError(f"--out {out}: is the directory being read")
+
+
+def validate(args) -> dict:
+    """Every check that needs no checkpoint loaded; returns the parsed values (mesh, max_shard_size, run)."""
+    parsed = {}
+    if getattr(args, "max_shard_size", None) is not None:
+        try:
+            parsed["max_shard_size"] = parse_size(args.max_shard_size)
+        except ValueError as e:
+            raise ArgumentError(f"--max-shard-size: {e}") from None
+    if args.cmd == "hf-to-orbax":
+        _check_dir(args.hf, "--hf", must_hold=(CONFIG_NAME,), any_of=(SINGLE_FILE, INDEX_FILE))
+        _check_out(args.out, args.hf)
+        parsed["mesh"] = make_mesh_arg(args.mesh)
+    elif args.cmd == "orbax-to-hf":
+        _check_dir(args.orbax, "--orbax", must_hold=(CONFIG_NAME, PARAMS_DIR))
+        _check_out(args.out, args.orbax)
+    else:
+        _check_dir(args.run, "--run")
+        _check_out(args.out, args.run)
+        try:
+            parsed["run"] = open_run_checkpoint(args.run, args.step)
+        except (FileNotFoundError, CheckpointError) as e:
+            raise ArgumentError(f"--run: {e}") from None
+        _run_tokenizer(parsed["run"])
+    return parsed
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m qwen3next_jax.convert", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="qwen3next-convert", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("hf-to-orbax", help="Hugging Face safetensors directory -> Orbax params checkpoint")
     a.add_argument("--hf", required=True, help="directory with config.json and *.safetensors")
     a.add_argument("--out", required=True, help="output directory (config.json + params/)")
     a.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast parameters (default: keep)")
+    a.add_argument("--mesh", default=DEFAULT_MESH,
+                   help=f"devices per mesh axis the parameters are sharded over, e.g. fsdp=8 or fsdp=4,expert=2 "
+                        f"(default {DEFAULT_MESH}: all devices on fsdp)")
     b = sub.add_parser("orbax-to-hf", help="Orbax params checkpoint -> Hugging Face safetensors directory")
     b.add_argument("--orbax", required=True, help="directory written by hf-to-orbax / save_orbax_params")
     b.add_argument("--out", required=True)
-    b.add_argument("--max-shard-size", default=hf_io.DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (default), 500MB")
-    b.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast parameters (default: keep)")
-    b.add_argument("--no-progress", action="store_true")
-    a.add_argument("--no-progress", action="store_true")
+    c = sub.add_parser("train-to-hf", help="a trainer run's checkpoint -> Hugging Face directory (with tokenizer)")
+    c.add_argument("--run", required=True, help="the run directory (out_dir/name, holding checkpoints/)")
+    c.add_argument("--step", type=int, default=None, help="the checkpoint's step (default: the newest complete one)")
+    c.add_argument("--out", required=True)
+    for p in (b, c):
+        p.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE, help="e.g. 5GB (default), 500MB")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                       help="cast parameters (default: keep the stored dtype)")
+    for p in (a, b, c):
+        p.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.cmd == "hf-to-orbax":
-        hf_to_orbax(args.hf, args.out, args.dtype, progress=not args.no_progress)
-    else:
-        orbax_to_hf(args.orbax, args.out, args.max_shard_size, args.dtype, progress=not args.no_progress)
+    try:
+        parsed = validate(args)
+    except ArgumentError as e:
+        ap.error(str(e))  # exits with status 2
+    progress = not args.no_progress
+    try:
+        if args.cmd == "hf-to-orbax":
+            hf_to_orbax(args.hf, args.out, args.dtype, parsed["mesh"], progress=progress)
+        elif args.cmd == "orbax-to-hf":
+            orbax_to_hf(args.orbax, args.out, parsed["max_shard_size"], args.dtype, progress=progress)
+        else:
+            train_to_hf(args.run, args.out, parsed["run"].step, args.dtype, parsed["max_shard_size"], progress)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"{ap.prog}: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
+
+__all__ = ["hf_to_orbax", "load_orbax_params", "main", "orbax_to_hf", "save_orbax_params", "train_to_hf",
+           "write_hf_from_arrays"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,7 +1,7 @@
 """Qwen3NextForCausalLM: embedding, the scanned decoder stack, final norm, LM head and the MTP module.
 
 The parameter tree mirrors the Hugging Face checkpoint (`model.embed_tokens`, `model.layers`, `model.norm`,
-`lm_head`, `mtp`), so the name mapping in `hf_io` is a table of small differences, not a translation.
+`lm_head`, `mtp`), so the name table in `hf/names.py` is a table of small differences, not a translation.
 """
 
 from __future__ import annotations

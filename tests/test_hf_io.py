@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint import/export (qwen3next_jax.hf_io) and the Orbax converter (qwen3next_jax.convert).
+"""Hugging Face checkpoint import/export (qwen3next_jax.hf) and the Orbax converter (qwen3next_jax.convert).
 
 Round trips are bit exact (same names, dtypes, shapes, bytes) on the transformers-written goldens, sharded and single
 file, fp32 and bf16, with and without MTP; malformed checkpoints raise one error naming every bad tensor; the
@@ -20,10 +20,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from qwen3next_jax import convert, hf_io
+from qwen3next_jax import convert
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.execution import Execution
-from qwen3next_jax.hf_io import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
+from qwen3next_jax.hf import CheckpointMismatchError, load_hf_checkpoint, save_hf_checkpoint
+from qwen3next_jax.hf import files as hf_files, load as hf_load, names as hf_names, save as hf_save
+from qwen3next_jax.hf.safetensors import SafetensorsReader
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +33,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def read_all(path) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint directory (via the index when there is one)."""
-    reader = hf_io.SafetensorsReader(path)
+    reader = SafetensorsReader(path)
     try:
         return {n: reader.get(n) for n in reader.names()}
     finally:
@@ -161,7 +163,7 @@ def test_mixed_dtypes_are_kept_per_tensor(tmp_path):
 
 def test_large_stacked_leaves_assembled_per_repeat(tmp_path, monkeypatch):
     """The device-side, one-repeat-at-a-time assembly gives the same parameters as the host path."""
-    monkeypatch.setattr(hf_io, "STACK_ON_HOST_BYTES", 0)
+    monkeypatch.setattr(hf_load, "STACK_ON_HOST_BYTES", 0)
     src = os.path.join(GOLDEN, "tiny")
     model = load_hf_checkpoint(src)
     save_hf_checkpoint(model, tmp_path)
@@ -174,7 +176,7 @@ def test_load_onto_a_mesh(tmp_path, monkeypatch, per_repeat):
     if len(jax.devices()) < 4:
         pytest.skip("needs 4 (fake) devices")
     if per_repeat:
-        monkeypatch.setattr(hf_io, "STACK_ON_HOST_BYTES", 0)
+        monkeypatch.setattr(hf_load, "STACK_ON_HOST_BYTES", 0)
     mesh = make_mesh(jax.devices()[:4], fsdp=2, expert=2)
     src = os.path.join(GOLDEN, "tiny")
     model = load_hf_checkpoint(src, mesh=mesh)
@@ -202,7 +204,7 @@ def test_mtp_weights_loaded_and_depth_inferred():
     np.testing.assert_array_equal(layer.mlp.experts.up_proj[...][3], ref["mtp.layers.0.mlp.experts.3.up_proj.weight"].T)
     # HF-saved checkpoints have no mtp.*: depth 0, no MTP module
     assert load_hf_checkpoint(os.path.join(GOLDEN, "tiny")).mtp is None
-    assert hf_io.infer_mtp_depth(["mtp.layers.0.x", "mtp.layers.2.y", "model.norm.weight"]) == 3
+    assert hf_load.infer_mtp_depth(["mtp.layers.0.x", "mtp.layers.2.y", "model.norm.weight"]) == 3
 
 
 def test_mtp_tensors_against_explicit_zero_depth_are_unexpected(tmp_path):
@@ -319,6 +321,82 @@ def test_missing_files(tmp_path):
         load_hf_checkpoint(path)
 
 
+def _truncate(file, keep):
+    with open(file, "rb") as f:
+        data = f.read()
+    with open(file, "wb") as f:
+        f.write(data[:keep] if keep >= 0 else data[:len(data) + keep])
+
+
+def _overwrite(file, content: bytes):
+    with open(file, "wb") as f:
+        f.write(content)
+
+
+def _retype(tensors):
+    tensors["model.layers.0.linear_attn.A_log"] = tensors["model.layers.0.linear_attn.A_log"].astype(np.int32)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] > 0
+
+
+def _edit_json(file, edit):
+    with open(file) as f:
+        value = json.load(f)
+    with open(file, "w") as f:
+        json.dump(edit(value), f)
+
+
+def _listed(index):
+    return {"weight_map": {k: [f] for k, f in index["weight_map"].items()}}
+
+
+SHARD2 = "model-00002-of-00004.safetensors"
+INDEX = "model.safetensors.index.json"
+# (case, golden, damage(path), error type, substrings the message must hold). Each names the file (and tensors).
+BAD_HF_INPUTS = [
+    ("truncated shard", "tiny", lambda p: _truncate(os.path.join(p, SHARD2), -100), hf_files.CheckpointError,
+     [SHARD2, "not a readable safetensors file", "incomplete metadata"]),
+    ("truncated header", "odd", lambda p: _truncate(os.path.join(p, "model.safetensors"), 50),
+     hf_files.CheckpointError, ["model.safetensors", "not a readable safetensors file"]),
+    ("empty file", "odd", lambda p: _overwrite(os.path.join(p, "model.safetensors"), b""), hf_files.CheckpointError,
+     ["model.safetensors", "header too small"]),
+    ("not safetensors", "odd", lambda p: _overwrite(os.path.join(p, "model.safetensors"), b"PK\x03\x04" * 64),
+     hf_files.CheckpointError, ["model.safetensors", "not a readable safetensors file"]),
+    ("integer and bool tensors", "odd", lambda p: rewrite_single(p, _retype), CheckpointMismatchError,
+     ["2 tensor(s) stored as a non-floating dtype", "model.layers.0.linear_attn.A_log  I32  (in model.safetensors)",
+      "model.norm.weight  BOOL"]),
+    ("corrupt config.json", "odd",
+     lambda p: _overwrite(os.path.join(p, "config.json"), b'{"model_type": "qwen3_next",\n  "hidden_size": }'),
+     hf_files.CheckpointError, ["config.json", "not valid JSON (line 2"]),
+    ("config.json not an object", "odd", lambda p: _overwrite(os.path.join(p, "config.json"), b"[1, 2]"),
+     hf_files.CheckpointError, ["config.json", "expected a JSON object"]),
+    ("config.json not UTF-8", "odd", lambda p: _overwrite(os.path.join(p, "config.json"), b'{"a": "\xff\xfe"}'),
+     hf_files.CheckpointError, ["config.json", "not UTF-8"]),
+    ("corrupt index", "tiny", lambda p: _truncate(os.path.join(p, INDEX), 40), hf_files.CheckpointError,
+     [INDEX, "not valid JSON"]),
+    ("index without weight_map", "tiny", lambda p: _edit_json(os.path.join(p, INDEX), lambda v: v["metadata"]),
+     hf_files.CheckpointError, [INDEX, "weight_map"]),
+    ("index mapping to a list", "tiny",
+     lambda p: _edit_json(os.path.join(p, INDEX), _listed),
+     hf_files.CheckpointError, [INDEX, "weight_map"]),
+]
+
+
+@pytest.mark.parametrize("case,golden,damage,error,parts", BAD_HF_INPUTS, ids=[c[0] for c in BAD_HF_INPUTS])
+def test_bad_hf_input_is_named(tmp_path, capsys, case, golden, damage, error, parts):
+    """Each damaged checkpoint raises one error naming the file (and tensors) from the API, and ends
+    `qwen3next-convert hf-to-orbax` with exit status 1 and that message, without a traceback and without output."""
+    path = copy_golden(golden, tmp_path)
+    damage(path)
+    with pytest.raises(error) as e:
+        load_hf_checkpoint(path)
+    for part in parts:
+        assert part in str(e.value), (part, str(e.value))
+    assert convert.main(["hf-to-orbax", "--hf", path, "--out", str(tmp_path / "orb"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and all(part in err for part in parts), err
+    assert not os.path.exists(tmp_path / "orb" / "params")
+
+
 # ------------------------------------------------------------------------------------------------------ configs
 
 def test_config_457_layout_reads_like_5():
@@ -328,28 +406,28 @@ def test_config_457_layout_reads_like_5():
     old = Qwen3NextConfig.from_json_file(os.path.join(d, "config.json"))
     for k, v in expected.items():
         assert getattr(old, k) == v, k
-    new = hf_io.read_hf_config(os.path.join(GOLDEN, "odd"))  # same model, transformers-5 layout
+    new = hf_load.read_hf_config(os.path.join(GOLDEN, "odd"))  # same model, transformers-5 layout
     # the 4.57 file says full_attention_interval, the 5.x one layer_types: both become the same layer_types
     assert old.replace(mtp_num_hidden_layers=0) == new
 
 
 def test_config_written_reads_back(tmp_path):
     for name in ("tiny", "odd"):
-        cfg = hf_io.read_hf_config(os.path.join(GOLDEN, name))
+        cfg = hf_load.read_hf_config(os.path.join(GOLDEN, name))
         for layout in ("5", "4.57"):
             d = tmp_path / f"{name}_{layout}"
             d.mkdir()
             with open(d / "config.json", "w") as f:
-                json.dump(hf_io.hf_config_dict(cfg, "bfloat16", layout), f)
-            assert hf_io.read_hf_config(d) == cfg
+                json.dump(hf_save.hf_config_dict(cfg, "bfloat16", layout), f)
+            assert hf_load.read_hf_config(d) == cfg
 
 
 def test_parse_size():
-    assert hf_io.parse_size("5GB") == 5 * 10**9
-    assert hf_io.parse_size("70KiB") == 70 * 1024
-    assert hf_io.parse_size(123) == 123
+    assert hf_save.parse_size("5GB") == 5 * 10**9
+    assert hf_save.parse_size("70KiB") == 70 * 1024
+    assert hf_save.parse_size(123) == 123
     with pytest.raises(ValueError):
-        hf_io.parse_size("lots")
+        hf_save.parse_size("lots")
 
 
 # ---------------------------------------------------------------------------------------------------- converter
@@ -468,7 +546,7 @@ def _wide_model():
         moe_intermediate_size=48, shared_expert_intermediate_size=16, intermediate_size=32, mtp_num_hidden_layers=1,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, linear_num_key_heads=1, linear_num_value_heads=2,
         linear_key_head_dim=16, linear_value_head_dim=16)
-    model = hf_io.abstract_model(cfg, Execution())  # filled with numpy randoms: much faster than eager init
+    model = hf_load.abstract_model(cfg, Execution())  # filled with numpy randoms: much faster than eager init
     state = nnx.state(model)
     rng = np.random.default_rng(0)
     nnx.update(model, jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape).astype(np.float32)), state))
@@ -485,12 +563,12 @@ def test_streaming_host_memory_and_fetches(tmp_path, monkeypatch):
 
     fetchers = []
 
-    class Counting(hf_io._LeafFetcher):
+    class Counting(hf_save.DeviceLeafFetcher):
         def __init__(self, m):
             super().__init__(m)
             fetchers.append(self)
-    monkeypatch.setattr(hf_io, "_LeafFetcher", Counting)
-    monkeypatch.setattr(hf_io, "STACK_ON_HOST_BYTES", group)  # stacked expert leaves (2 groups) go per repeat
+    monkeypatch.setattr(hf_save, "DeviceLeafFetcher", Counting)
+    monkeypatch.setattr(hf_load, "STACK_ON_HOST_BYTES", group)  # stacked expert leaves (2 groups) go per repeat
 
     tracemalloc.start()
     try:
@@ -506,7 +584,7 @@ def test_streaming_host_memory_and_fetches(tmp_path, monkeypatch):
         import_transient = peak2 - max(end, end2)
     finally:
         tracemalloc.stop()
-    specs = hf_io.leaf_specs(model)
+    specs = hf_names.leaf_specs(model)
     assert fetchers[0].fetches == sum(len(s.hf_names) for s in specs)  # each (leaf, repeat) fetched once
     assert export_transient < 1_000_000 + 4 * group, export_transient  # one shard + one fetched group
     assert import_transient < 4 * group, import_transient

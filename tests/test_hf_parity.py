@@ -1,7 +1,7 @@
 """Parity with Hugging Face transformers' Qwen3NextForCausalLM, through the golden files of scripts/make_goldens.py.
 
 The goldens are fp32 outputs of transformers 5.23 on tiny random checkpoints (tests/golden/{tiny,odd}); the model is
-loaded from the same checkpoints with hf_io, so these tests cover the weight mapping and the math together:
+loaded from the same checkpoints with qwen3next_jax.hf, so these tests cover the weight mapping and the math together:
 whole-model logits, every decoder layer in isolation (input hidden state -> output hidden state), the embedding and
 final norm, and single modules (RMSNorm, gated attention, Gated DeltaNet, sparse MoE, dense MLP) on the inputs the
 forward hooks captured. Error measure: max |ours - theirs| / max |theirs| (and the same with Frobenius norms).
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from qwen3next_jax.hf_io import load_hf_checkpoint
+from qwen3next_jax.hf import load_hf_checkpoint
 from qwen3next_jax.interface import Context
 from qwen3next_jax.rope import rope_tables
 

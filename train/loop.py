@@ -43,7 +43,7 @@ class NonFiniteError(RuntimeError):
 def build_model(cfg: TrainConfig, mesh) -> Qwen3NextForCausalLM:
     """A fresh model created in its shards, or a Hugging Face checkpoint to fine-tune (its config wins)."""
     if cfg.checkpoint.init_from_hf:
-        from qwen3next_jax.hf_io import load_hf_checkpoint
+        from qwen3next_jax.hf import load_hf_checkpoint
 
         return load_hf_checkpoint(cfg.checkpoint.init_from_hf, mesh=mesh, execution=cfg.execution)
     return shd.create_sharded(lambda: Qwen3NextForCausalLM(
