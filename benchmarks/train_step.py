@@ -30,10 +30,11 @@ from qwen3next_train.metrics import flops_per_token, peak_flops
 from qwen3next_train.optim import make_optimizer, schedule
 
 
-def bench_one(preset: str, B: int, T: int, attention_impl: str, remat: str, gdn_impl: str, steps: int) -> dict:
+def bench_one(preset: str, B: int, T: int, attention_impl: str, remat: str, gdn_impl: str, steps: int,
+              moe_impl: str = "auto") -> dict:
     cfg = load_config(None, [f"model.preset={preset}", f"data.seq_len={T}", f"data.batch_size={B}",
                              f"execution.remat={remat}", f"execution.gdn={gdn_impl}",
-                             f"execution.attention={attention_impl}"])
+                             f"execution.attention={attention_impl}", f"execution.moe={moe_impl}"])
     mesh = shd.make_mesh(data=-1)
     model = shd.create_sharded(lambda: Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0), execution=cfg.execution),
                                mesh)
@@ -77,6 +78,7 @@ def main():
     ap.add_argument("--variants", default="xla,cudnn", help="attention implementations: xla, cudnn")
     ap.add_argument("--remat", default="dots")
     ap.add_argument("--gdn-impl", default="auto")
+    ap.add_argument("--moe-impl", default="auto")
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
     out = os.path.join(os.environ.get("OUT", "/tmp"), "train_step.json")
@@ -84,10 +86,10 @@ def main():
     for shape in args.shapes.split(","):
         B, T = map(int, shape.split("x"))
         for variant in args.variants.split(","):
-            key = f"B{B}_T{T}_{variant}_remat-{args.remat}"
+            key = f"B{B}_T{T}_{variant}_moe-{args.moe_impl}_remat-{args.remat}"
             try:
                 results[key] = bench_one(args.preset, B, T, variant, args.remat, args.gdn_impl,
-                                         args.steps)
+                                         args.steps, args.moe_impl)
             except Exception as e:  # record and go on to the next variant
                 traceback.print_exc()
                 results[key] = {"error": repr(e)[:600]}

@@ -24,13 +24,13 @@ import jax
 import jax.numpy as jnp
 
 # Block shapes per product: (block_m, block_n, block_k, max_concurrent_steps, grid_block_n).
-BLOCKS = {
-    "gate_up": (128, 128, 64, 4, 4),     # x W_gu
-    "down": (128, 128, 64, 4, 4),        # a W_down
-    "d_down": (128, 128, 64, 4, 1),      # dy W_down^T
-    "d_gate_up": (128, 128, 64, 4, 1),   # dh W_gu^T
-    "w_down": (128, 128, 64, 4, 1),      # a^T dy
-    "w_gate_up": (128, 128, 64, 4, 1),   # x^T dh
+BLOCKS = {  # measured at the bench shape on an H200, 2026-12-02 (benchmarks/RESULTS.md)
+    "gate_up": (128, 128, 64, 5, 4),     # x W_gu
+    "down": (128, 128, 64, 4, 8),        # a W_down
+    "d_down": (128, 128, 64, 5, 4),      # dy W_down^T
+    "d_gate_up": (128, 128, 64, 4, 8),   # dh W_gu^T
+    "w_down": (128, 128, 64, 6, 1),      # a^T dy
+    "w_gate_up": (128, 128, 64, 5, 4),   # x^T dh
 }
 BLOCK_FIELDS = ("block_m", "block_n", "block_k", "max_concurrent_steps", "grid_block_n")
 
