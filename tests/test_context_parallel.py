@@ -218,3 +218,18 @@ def test_model_loss_and_gradients_match_one_device(model, batch, one_device, axe
     assert abs(float(got_loss) - float(want_loss)) < 1e-5
     for path, a, b in zip(jax.tree_util.tree_flatten_with_path(want)[0], jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * np.max(np.abs(b)), err_msg=jax.tree_util.keystr(path[0]))
+
+
+@pytest.mark.parametrize("dims, want", [((128, 128), "pallas_tpu"), ((256, 256), "chunked")])
+def test_the_wider_op_call_resolves_as_its_own_site(dims, want):
+    """Under context parallelism the op runs at value dim V + K; auto takes a kernel only where it covers that
+    width (the Mosaic TPU kernel: 64/128/256), else the chunked op."""
+    from qwen3next_jax.gated_deltanet import context_parallel_gdn_site
+    from qwen3next_kernels.registry import Platform
+    K, V = dims
+    cfg = Qwen3NextConfig.preset("qwen3-next-80b-a3b").replace(linear_key_head_dim=K, linear_value_head_dim=V)
+    site = context_parallel_gdn_site(cfg, jnp.bfloat16)
+    assert site["value_dim"] == K + V
+    tpu = Platform("tpu", "TPU v5p")
+    assert Execution().resolve("gdn", site, tpu) == want
+    assert Execution().resolve("gdn", dict(site, value_dim=V), tpu) == "pallas_tpu"
