@@ -2,7 +2,8 @@
 
 q_proj yields, per head, [query (head_dim) | gate (head_dim)] side by side (interleaved per head, not two halves of
 the row). The gate multiplies the attention output before o_proj (the "G1" position of arXiv 2505.06708). The
-attention itself (causal, within packed documents) is the registry's "attention" family.
+attention itself (causal, within packed documents) is the registry's "attention" family; under a mesh it runs per
+shard of the batch, the key-value heads and the sequence (context parallelism: qwen3next_jax.context_parallel).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from qwen3next_jax import context_parallel as cp
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.execution import Execution
 from qwen3next_jax.interface import Aux, Context
 from qwen3next_jax.layers import Linear
 from qwen3next_jax.norms import RMSNorm
 from qwen3next_jax.rope import apply_rope
+from qwen3next_jax.sharding import per_shard
 from qwen3next_kernels.registry import FAMILIES, Platform
 
 
@@ -48,7 +51,23 @@ class GatedAttention(nnx.Module):
         v = self.v_proj(x).reshape(B, T, KV, hd)
         cos, sin = ctx.rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        attend = FAMILIES["attention"].function(self.kernels["attention"])
-        out = attend(q, k, v, ctx.segment_ids, scale=hd ** -0.5)                     # [B, T, H, hd]
+        # Query heads grouped by their key-value head ([B, T, KV, H / KV, hd]), so that shards of the heads split
+        # both alike.
+        grouped = ("batch", "seq", "kv_heads", None)
+        segments = None if ctx.segment_ids is None else ("batch", "seq")
+        out = per_shard(self._attend, in_axes=(grouped + (None,), grouped, grouped, segments),
+                        out_axes=grouped + (None,), sequence=True)(q.reshape(B, T, KV, H // KV, hd), k, v,
+                                                                   ctx.segment_ids)
         out = out.reshape(B, T, H * hd) * jax.nn.sigmoid(gate.reshape(B, T, H * hd))
         return self.o_proj(out), Aux.zero()
+
+    def _attend(self, q, k, v, segment_ids, *, seq_axis):
+        """q [B, T, KV, H / KV, hd], k and v [B, T, KV, hd] (a shard's, under a mesh) -> [B, T, KV, H / KV, hd]."""
+        B, T, KV, r, hd = q.shape
+        attend = FAMILIES["attention"].function(self.kernels["attention"])
+        q = q.reshape(B, T, KV * r, hd)                   # query head h reads key-value head h // r
+        if seq_axis is None:
+            out = attend(q, k, v, segment_ids, scale=hd ** -0.5)
+        else:
+            out = cp.attention_over_shards(attend, q, k, v, segment_ids, axis=seq_axis, scale=hd ** -0.5)
+        return out.reshape(B, T, KV, r, hd)

@@ -4,7 +4,8 @@ in_proj_qkvz is laid out per key head: [q (dk) | k (dk) | v (r heads x dv) | z (
 key head; in_proj_ba likewise [b (r) | a (r)]. Value head j belongs to key head j // r. A causal depthwise conv with
 SiLU runs over the channels cat(q, k, v); then the gated delta rule (qwen3next_kernels.gdn) and a gated RMSNorm with z.
 With packed documents both the conv window and the recurrent state restart at each document. The conv and the
-rule are the registry's "conv" and "gdn" families.
+rule are the registry's "conv" and "gdn" families. Under a mesh they run per shard of the batch, the key heads and
+the sequence (context parallelism: qwen3next_jax.context_parallel).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen3next_jax import context_parallel as cp
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.execution import Execution
 from qwen3next_jax.interface import Aux, Context
@@ -36,6 +38,12 @@ def gdn_sites(cfg: Qwen3NextConfig, dtype) -> dict[str, dict]:
                  value_heads=cfg.linear_num_value_heads, value_dim=cfg.linear_value_head_dim,
                  dtype=jnp.dtype(dtype).name)
     return {"conv": dict(heads, taps=cfg.linear_conv_kernel_dim), "gdn": dict(heads, chunk_size=64)}
+
+
+def context_parallel_gdn_site(cfg: Qwen3NextConfig, dtype) -> dict:
+    """The op's site under context parallelism: it runs on values [v | 0], value dim V + K."""
+    site = gdn_sites(cfg, dtype)["gdn"]
+    return dict(site, value_dim=site["value_dim"] + site["key_dim"])
 
 
 class GatedDeltaNet(nnx.Module):
@@ -62,6 +70,8 @@ class GatedDeltaNet(nnx.Module):
         self.dtype = dtype
         self.kernels = {family: execution.resolve(family, site, platform)
                         for family, site in gdn_sites(cfg, dtype).items()}
+        # The op's implementation for the wider call context parallelism makes (a kernel may not take V + K).
+        self.context_parallel_gdn = execution.resolve("gdn", context_parallel_gdn_site(cfg, dtype), platform)
 
     def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, Aux]:
         B, T, _ = x.shape
@@ -79,24 +89,30 @@ class GatedDeltaNet(nnx.Module):
         g = -jnp.exp(self.A_log[...].astype(jnp.float32).reshape(nk, r)) * jax.nn.softplus(
             a.astype(jnp.float32) + self.dt_bias[...].astype(jnp.float32).reshape(nk, r))  # log decay <= 0
         # The conv and the op are Pallas kernels where they run: under a mesh, each device runs them on its own
-        # batch rows and key heads (every head axis here has nk entries, so all of them split alike).
-        heads = ("batch", None, "gdn_heads", None)
+        # batch rows, key heads (every head axis here has nk entries, so all of them split alike) and tokens.
+        heads = ("batch", "seq", "gdn_heads", None)
         o, z = per_shard(self._conv_and_rule, in_axes=(heads, (("conv", "gdn_heads", None),) * 3, heads, heads,
-                                                       None if segment_ids is None else ("batch", None)),
-                         out_axes=(heads + (None,),) * 2)(qkvz, taps, g, beta, segment_ids)
+                                                       None if segment_ids is None else ("batch", "seq")),
+                         out_axes=(heads + (None,),) * 2, sequence=True)(qkvz, taps, g, beta, segment_ids)
         o = self.norm(o.reshape(B, T, nv, dv).astype(self.dtype), z.reshape(B, T, nv, dv))   # [B, T, nv, dv]
         return self.out_proj(o.reshape(B, T, nv * dv)), Aux.zero()
 
-    def _conv_and_rule(self, qkvz, taps, g, beta, segment_ids):
-        """o and z [B, T, nk, r, dv] for the key heads of qkvz [B, T, nk, 2 dk + 2 r dv] (a shard's, under a mesh)."""
+    def _conv_and_rule(self, qkvz, taps, g, beta, segment_ids, *, seq_axis):
+        """o and z [B, T, nk, r, dv] for the key heads of qkvz [B, T, nk, 2 dk + 2 r dv] (a shard's, under a mesh;
+        seq_axis: the mesh axis the sequence is split over, None for whole sequences)."""
         B, T, nk = qkvz.shape[:3]
         dk, dv, r = self.dk, self.dv, self.r
         # Cast here, not before: the taps' gradient is summed over the batch shards in the parameter's dtype.
         kernel = jnp.concatenate([t.reshape(t.shape[0], -1) for t in taps], axis=1).astype(qkvz.dtype)
         split_conv = FAMILIES["conv"].function(self.kernels["conv"])
-        q, k, v, z = split_conv(qkvz, kernel, segment_ids, key_heads=nk, key_dim=dk, value_heads=nk * r,
-                                value_dim=dv)
-        gated_delta_rule = FAMILIES["gdn"].function(self.kernels["gdn"])
-        o, _ = gated_delta_rule(q, k, v, g.reshape(B, T, nk * r), beta.reshape(B, T, nk * r), segment_ids=segment_ids,
-                                use_qk_l2norm=True, scale=None, chunk_size=64, initial_state=None)
+        dims = dict(key_heads=nk, key_dim=dk, value_heads=nk * r, value_dim=dv)
+        op = dict(segment_ids=segment_ids, use_qk_l2norm=True, scale=None, chunk_size=64, initial_state=None)
+        g, beta = g.reshape(B, T, nk * r), beta.reshape(B, T, nk * r)
+        if seq_axis is None:
+            q, k, v, z = split_conv(qkvz, kernel, segment_ids, **dims)
+            o, _ = FAMILIES["gdn"].function(self.kernels["gdn"])(q, k, v, g, beta, **op)
+        else:
+            q, k, v, z = cp.split_conv_over_shards(split_conv, qkvz, kernel, segment_ids, axis=seq_axis, **dims)
+            o, _ = cp.gated_delta_rule_over_shards(FAMILIES["gdn"].function(self.context_parallel_gdn),
+                                                   q, k, v, g, beta, axis=seq_axis, **op)
         return o.reshape(B, T, nk, r, dv), z.reshape(B, T, nk, r, dv)

@@ -43,10 +43,6 @@ def make_mesh(devices=None, **axis_sizes: int) -> Mesh:
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
-    if axis_sizes.get("context", 1) not in (1,):
-        # Nothing splits the sequence yet: the axis would only replicate the work on its devices.
-        raise ValueError(f"mesh context={axis_sizes['context']}: context parallelism is not implemented; use "
-                         "context=1 and put the devices on data, fsdp, expert or tensor")
     devices = np.asarray(jax.devices() if devices is None else devices)
     sizes = [axis_sizes.get(a, 1) for a in MESH_AXES]
     if sizes.count(-1) > 1:
@@ -86,7 +82,7 @@ def constrain(x: jax.Array, axes: tuple) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, mesh))
 
 
-def per_shard(fn, in_axes, out_axes):
+def per_shard(fn, in_axes, out_axes, *, sequence: bool = False):
     """`fn` run on each device's shard (jax.shard_map) under the context mesh (`jax.set_mesh`, `in_mesh`), for ops
     XLA cannot partition: Pallas kernels are opaque custom calls, whose operands XLA would otherwise gather onto every
     device.
@@ -94,20 +90,34 @@ def per_shard(fn, in_axes, out_axes):
     in_axes / out_axes give each argument's / result's logical axis names (a pytree of tuples matching fn's
     arguments / results; None for an argument that is None); RULES maps them to mesh axes, as for parameters, where
     the axis divides the dimension. `fn` sees the per-shard shapes. Without a context mesh of several devices,
-    `fn` itself."""
+    `fn` itself.
+
+    sequence=True: fn mixes tokens along its "seq" dimensions (all of one length) and takes a keyword `seq_axis`:
+    None where it sees whole sequences, else the mesh axis they are split over in order (context parallelism: shard
+    i of n holds tokens [i T/n, (i + 1) T/n)), across which fn must then combine by collectives. Its results'
+    shapes must not depend on seq_axis: they are read from fn(*args, seq_axis=None) on the whole arrays."""
     def wrapped(*args):
         mesh = jax.sharding.get_abstract_mesh()
+        whole = functools.partial(fn, seq_axis=None) if sequence else fn
         if mesh.empty or mesh.size == 1:
-            return fn(*args)
-        out_shapes = jax.eval_shape(fn, *args)
+            return whole(*args)
+        out_shapes = jax.eval_shape(whole, *args)
         is_axes = lambda x: isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
         spec = lambda axes, x: logical_to_spec(axes, x.shape, mesh)
         in_specs = tuple(None if a is None else jax.tree.map(spec, ax, a, is_leaf=is_axes)
                          for ax, a in zip(in_axes, args))
         out_specs = jax.tree.map(spec, out_axes, out_shapes, is_leaf=is_axes)
+        body = fn
+        if sequence:
+            seq_axes = {split for ax, a in zip(in_axes, args) if a is not None
+                        for names, x in zip(jax.tree.leaves(ax, is_leaf=is_axes), jax.tree.leaves(a))
+                        for name, split in zip(names, spec(names, x)) if name == "seq"}
+            if len(seq_axes) > 1:
+                raise ValueError(f"the arguments' seq dimensions split differently over the mesh: {seq_axes}")
+            body = functools.partial(fn, seq_axis=seq_axes.pop() if seq_axes else None)
         # check_vma=False: the kernels and the chunked op's scans are not annotated for shard_map's
         # varying-across-devices types (a zero initial state is not "varying"); the specs say what varies.
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+        return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
     return wrapped
 
 

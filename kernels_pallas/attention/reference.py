@@ -1,19 +1,25 @@
 """Causal GQA softmax attention within packed documents, in plain XLA: the oracle and the fallback.
 
-q [B, T, H, hd], k and v [B, T, KV, hd] with H a multiple of KV; segment_ids [B, T] (None: one document a row):
-a query attends to the keys at or before it that carry its segment id. Returns [B, T, H, hd] in q's dtype. XLA
-materialises the [B, H, T, T] logits (and here a [B, 1, T, T] mask): fine for tests, costly at long context.
+q [B, Tq, H, hd], k and v [B, Tk, KV, hd] with H a multiple of KV; query i sits at position q_offset + i of the
+keys' sequence (0 unless the queries are one shard of it: context parallelism); segment_ids [B, Tq] of the queries
+and kv_segment_ids [B, Tk] of the keys (default: segment_ids; None: one document a row). A query attends to the keys
+at or before its position that carry its segment id. Returns [B, Tq, H, hd] in q's dtype. XLA materialises the
+[B, H, Tq, Tk] logits (and here a [B, 1, Tq, Tk] mask): fine for tests, costly at long context.
 """
+
 import jax
+import jax.numpy as jnp
 
 
-def segment_mask(segment_ids):
-    """[B, 1, T, T] True where query and key belong to the same packed document; None passes through."""
+def mask(q_len, kv_len, segment_ids=None, kv_segment_ids=None, q_offset=0):
+    """[B or 1, 1, Tq, Tk] True where query i may attend to key j: j <= q_offset + i, in the same document."""
+    causal = (q_offset + jnp.arange(q_len))[:, None] >= jnp.arange(kv_len)[None, :]
     if segment_ids is None:
-        return None
-    return (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        return causal[None, None]
+    kv_segment_ids = segment_ids if kv_segment_ids is None else kv_segment_ids
+    return (causal & (segment_ids[:, :, None] == kv_segment_ids[:, None, :]))[:, None]
 
 
-def attention(q, k, v, segment_ids=None, *, scale):
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, mask=segment_mask(segment_ids),
-                                        implementation="xla")
+def attention(q, k, v, segment_ids=None, *, scale, q_offset=0, kv_segment_ids=None):
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation="xla",
+                                        mask=mask(q.shape[1], k.shape[1], segment_ids, kv_segment_ids, q_offset))
