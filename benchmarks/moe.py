@@ -119,12 +119,12 @@ def block_rows(cfg, tokens, impls):
     # Pieces, forward + backward where they have a backward.
     moe = SparseMoE(cfg, rngs=nnx.Rngs(0), execution=Execution(compute_dtype="bfloat16"), platform=Platform.current())
     x2 = x.reshape(tokens, -1)
-    probs, top_w, top_idx = jax.jit(lambda x2: moe.route(x2))(x2)
+    probs, top_w, top_idx = jax.jit(lambda x2: moe.route(x2, moe.gate))(x2)
     k, D = cfg.num_experts_per_tok, cfg.hidden_size
     order, inverse, gs = jax.jit(sort_by_expert, static_argnums=1)(top_idx, cfg.num_experts)
     rows_ct = jax.random.normal(jax.random.key(3), (tokens * k, D), jnp.bfloat16)
     x2_ct = jax.random.normal(jax.random.key(4), (tokens, D), jnp.bfloat16)
-    g_router, p_router = nnx.split(moe.gate)
+    g_router, p_router = nnx.split(moe.gate)  # the router alone: its matmul, softmax and top-k
     pieces = {
         "router_softmax_topk": (grads_of(lambda p, x2: jnp.sum(jax.lax.top_k(jax.nn.softmax(
             nnx.merge(g_router, p)(x2).astype(jnp.float32), -1), k)[0], -1), p_router, x2),

@@ -19,6 +19,7 @@ Families and the facts of their call sites:
 - conv, the Gated DeltaNet input conv: key_heads, key_dim, value_heads, value_dim, taps, dtype
 - attention, causal attention within documents: heads, kv_heads, head_dim, dtype
 - moe, the experts' SwiGLU MLP over rows grouped by expert: experts, hidden, width, dtype
+- exchange, the expert-parallel row exchange over the mesh's expert axis (moe/exchange.py): experts, hidden, dtype
 - loss, the LM head's cross entropy: hidden, vocab, dtype
 """
 from __future__ import annotations
@@ -125,6 +126,9 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         Impl("ragged_dot", f"{_K}.moe.reference:expert_mlp"),
         Impl("pallas_gpu", f"{_K}.moe.pallas_gpu:expert_mlp"),
         Impl("tiled", f"{_K}.moe.tiled:expert_mlp"))),
+    Family("exchange", (
+        Impl("ragged", f"{_K}.moe.ragged_exchange:ragged_exchange"),
+        Impl("padded", f"{_K}.moe.exchange:padded_exchange"))),
     Family("loss", (
         Impl("reference", f"{_K}.cross_entropy.reference:linear_cross_entropy", auto=False),
         Impl("chunked", f"{_K}.cross_entropy.chunked:linear_cross_entropy"))),

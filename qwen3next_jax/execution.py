@@ -1,5 +1,6 @@
-"""How the model runs, in one frozen record: compute and parameter dtypes, rematerialisation, and the
-implementation of each kernel family (gdn, conv, attention, moe, loss; qwen3next_kernels.registry).
+"""How the model runs, in one frozen record: compute and parameter dtypes, rematerialisation, the implementation of
+each kernel family (gdn, conv, attention, moe, exchange, loss; qwen3next_kernels.registry) and the MoE's expert
+capacity.
 
 Each family's choice is "auto" or an implementation's name. The model resolves it per call site when it is built,
 from the platform it is built for (default: the running one) and the site's shapes, so what "auto" became is fixed
@@ -18,7 +19,7 @@ from flax import nnx
 
 from qwen3next_kernels.registry import FAMILIES, Platform
 
-KERNEL_FAMILIES = ("gdn", "conv", "attention", "moe", "loss")
+KERNEL_FAMILIES = ("gdn", "conv", "attention", "moe", "exchange", "loss")
 
 # What each decoder layer keeps for the backward pass. "none" keeps everything, "full" recomputes the layer,
 # "dots" keeps only matmul outputs without batch dimensions (projections), recomputing the rest.
@@ -38,7 +39,12 @@ class Execution:
     conv: str = "auto"
     attention: str = "auto"
     moe: str = "auto"
+    exchange: str = "auto"  # how expert parallelism moves rows over the mesh's expert axis: "ragged" or "padded"
     loss: str = "auto"
+    # Under expert parallelism, each (source, destination) device pair exchanges at most
+    # ceil(factor * tokens per device * top_k / expert-axis size) rows; the rest are dropped and counted (Aux.dropped).
+    # 0: dropless (room for the worst case). Without an expert axis nothing is exchanged and nothing is dropped.
+    moe_capacity_factor: float = 0.0
 
     def __post_init__(self):
         for family in KERNEL_FAMILIES:
@@ -46,6 +52,8 @@ class Execution:
             if choice not in FAMILIES[family].choices:
                 raise ValueError(f"unknown {family} implementation {choice!r}; choose one of "
                                  f"{FAMILIES[family].choices}")
+        if not self.moe_capacity_factor >= 0:
+            raise ValueError(f"moe_capacity_factor must be >= 0 (0: dropless); got {self.moe_capacity_factor!r}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat {self.remat!r}; choose one of {list(REMAT_POLICIES)}")
         for name in ("compute_dtype", "param_dtype"):
