@@ -22,7 +22,6 @@ from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.execution import Execution
 from qwen3next_jax.hf import load_hf_checkpoint
 from qwen3next_jax.hf import load as hf_load, names as hf_names, tokenizer as hf_tokenizer
-from qwen3next_jax.sharding import make_mesh
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
 

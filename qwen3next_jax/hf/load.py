@@ -166,7 +166,8 @@ def _load_leaf(reader: SafetensorsReader, spec: LeafSpec, dtype, sharding) -> ja
     for r in range(R):
         piece = _read_slot_group(reader, spec, r, dtype)
         if full is None:
-            full = jax.jit(lambda: jnp.zeros((R, *piece.shape), piece.dtype), out_shardings=sharding)()
+            shape, dt = (R, *piece.shape), piece.dtype
+            full = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)()
         row_sharding = None
         if isinstance(sharding, jax.sharding.NamedSharding):
             spec_row = jax.sharding.PartitionSpec(*tuple(sharding.spec)[1:])
