@@ -417,14 +417,15 @@ def test_rows_past_the_groups_reach_nothing(impl):
 
 # ------------------------------------------------------------------------------------- TPU, ahead of time
 
-def test_ragged_exchange_compiles_for_tpu_v5p():
-    """A narrow 80B-A3B MoE layer (the full width: benchmarks/moe_ep_aot.py, docs/moe.md) on 8 v5p chips, experts
-    over all 8: "auto" takes the ragged exchange there, and the step moves rows by ragged-all-to-all, out and back,
-    forward and backward, gathering nothing."""
+@pytest.mark.parametrize("topology, expert", [("v5p:2x2x2", 8), ("v6e:2x2", 4)])
+def test_ragged_exchange_compiles_for_tpu(topology, expert):
+    """A narrow 80B-A3B MoE layer (the full width: benchmarks/moe_ep_aot.py, docs/moe.md) on 8 v5p / 4 v6e chips,
+    experts over all of them: "auto" takes the ragged exchange and ragged_dot (TPU's grouped matmul) there, and the
+    step moves rows by ragged-all-to-all, out and back, forward and backward, gathering nothing."""
     pytest.importorskip("libtpu")
     from benchmarks.moe_ep_aot import collective_counts, compile_moe_layer
 
-    compiled, kernels = compile_moe_layer("v5p:2x2x2", expert=8, tokens_per_chip=256, hidden_size=256,
+    compiled, kernels = compile_moe_layer(topology, expert=expert, tokens_per_chip=256, hidden_size=256,
                                           num_experts=64, num_experts_per_tok=4, moe_intermediate_size=128,
                                           shared_expert_intermediate_size=128)
     assert kernels == {"exchange": "ragged", "moe": "ragged_dot"}
