@@ -10,6 +10,7 @@ from qwen3next_jax import Qwen3NextForCausalLM
 from qwen3next_train.config import load_config
 from qwen3next_train.loop import make_train_step
 from qwen3next_train.optim import decay_mask, schedule
+from qwen3next_train.state import TrainState
 
 
 def test_grad_accumulation_matches_one_batch():
@@ -28,10 +29,10 @@ def test_grad_accumulation_matches_one_batch():
     results = []
     for accum in (1, 2):
         c = load_config("configs/smoke.yaml", overrides + [f"optim.grad_accum_steps={accum}"])
-        state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                     rng=jax.random.key_data(jax.random.key(0)))
+        state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                           rng=jax.random.key_data(jax.random.key(0)))
         new_state, metrics = jax.jit(make_train_step(graphdef, rest, tx, c, schedule(c.optim, 10)))(state, batch)
-        results.append((new_state["params"], metrics))
+        results.append((new_state.params, metrics))
     (p1, m1), (p2, m2) = results
     for key in ("loss", "ce", "mtp", "grad_norm"):
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
