@@ -64,3 +64,49 @@ def test_shipped_configs_load():
     for name in ("tiny", "smoke", "bench-1p3b", "qwen3-next-80b-a3b"):
         load_config(f"configs/{name}.yaml")
     load_config(None, [], ["configs/tiny.gin"])
+
+
+def test_execution_section_round_trips(tmp_path):
+    yaml_file = tmp_path / "e.yaml"
+    yaml_file.write_text("execution:\n  compute_dtype: float32\n  remat: dots\n  gdn: chunked\n  conv: xla\n"
+                         "  attention: xla\n  moe: ragged_dot\n  loss: reference\n")
+    cfg = load_config(str(yaml_file), ["execution.param_dtype=bfloat16", "execution.moe=tiled"])
+    e = cfg.execution
+    assert (e.compute_dtype, e.param_dtype, e.remat, e.gdn, e.conv, e.attention, e.moe, e.loss) == (
+        "float32", "bfloat16", "dots", "chunked", "xla", "xla", "tiled", "reference")
+    path = tmp_path / "resolved.yaml"
+    path.write_text(cfg.to_yaml())
+    assert load_config(str(path)) == cfg
+    assert load_config().execution.compute_dtype == "bfloat16"  # the trainer's default: bf16 over fp32 masters
+
+
+@pytest.mark.parametrize("family", ["gdn", "conv", "attention", "moe", "loss"])
+def test_unknown_implementation_names_the_choices(family):
+    from qwen3next_kernels.registry import FAMILIES
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [f"execution.{family}=warp_drive"])
+    assert f"unknown {family} implementation 'warp_drive'" in str(e.value)
+    assert str(FAMILIES[family].choices) in str(e.value)
+
+
+def test_moved_keys_name_their_new_place():
+    with pytest.raises(ConfigError, match="config key train.gdn_impl is now execution.gdn"):
+        load_config(None, ["train.gdn_impl=chunked"])
+
+
+def test_gin_files_bind_values_and_run_no_code(tmp_path):
+    (tmp_path / "base.gin").write_text("data.seq_len = 64\n")
+    (tmp_path / "main.gin").write_text("include 'base.gin'\n# a comment\noptim.lr = 5e-4\n")
+    cfg = load_config(None, [], [str(tmp_path / "main.gin")])
+    assert cfg.data.seq_len == 64 and cfg.optim.lr == 5e-4
+    (tmp_path / "evil.py").write_text("raise SystemExit('imported')\n")
+    (tmp_path / "import.gin").write_text("data.seq_len = 64\nimport evil\n")
+    with pytest.raises(ConfigError, match=r"import.gin, line 2: `import evil`: gin imports run code"):
+        load_config(None, [], [str(tmp_path / "import.gin")])
+    (tmp_path / "ref.gin").write_text("optim.lr = @some_function()\n")
+    with pytest.raises(ConfigError, match="gin references are not allowed"):
+        load_config(None, [], [str(tmp_path / "ref.gin")])
+    (tmp_path / "scope.gin").write_text("eval/data.seq_len = 64\n")
+    with pytest.raises(ConfigError, match="line 1: gin scopes and macros are not allowed"):
+        load_config(None, [], [str(tmp_path / "scope.gin")])

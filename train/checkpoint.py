@@ -100,7 +100,7 @@ class Checkpoints:
         handlers = {"state": ocp.handlers.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                     "config": ocp.handlers.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        self._unconfirmed: list[int] = []  # saves started since the last wait()
+        self._unconfirmed: list[int] = []  # the save started since the last wait(), if any
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -109,22 +109,30 @@ class Checkpoints:
         return os.path.join(self.directory, str(step))
 
     def save(self, step: int, state: Any, data_iter, config: dict) -> None:
-        """Starts an asynchronous save of step `step` (the loop decides when; see loop.py)."""
+        """Starts an asynchronous save of step `step` (the loop decides when; see loop.py). The previous save is
+        confirmed first (Orbax waits for it anyway), so a failed one stops the run before the next starts."""
+        self.wait()
         self.manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config)))
         self._unconfirmed.append(step)
 
     def wait(self) -> None:
-        """Blocks until every started save is complete. Orbax logs a failed asynchronous save and carries on; here
-        a save whose step directory never appeared raises CheckpointSaveError naming the step."""
-        self.manager.wait_until_finished()
-        failed = [s for s in self._unconfirmed if not os.path.isdir(self.path(s))]
+        """Blocks until every started save is complete. A save that failed in the background (Orbax raises its
+        error here, or only logs it) raises CheckpointSaveError naming the step."""
+        error = None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - whatever the background write raised: reported below
+            error = e
+        failed = [s for s in self._unconfirmed if not os.path.isdir(self.path(s))]  # before `keep` may drop it
         self._unconfirmed = []
-        if failed:
+        if failed or error is not None:
             self.manager.reload()
-            raise CheckpointSaveError(f"the checkpoint of step {failed[-1]} was not written (see the error logged "
-                                      f"above); the newest complete one is {self._newest_text()}")
+            cause = f" ({_reason(error)})" if error is not None else " (see the error logged above)"
+            what = f"the checkpoint of step {failed[-1]}" if failed else "a checkpoint"
+            raise CheckpointSaveError(f"{what} was not written{cause}; the newest complete one is "
+                                      f"{self._newest_text()}") from error
 
     def _newest_text(self) -> str:
         steps = self.steps()
