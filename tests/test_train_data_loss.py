@@ -118,7 +118,8 @@ def test_a_changed_learning_rate_resumes(out_dir, caplog, jax_cache_dir):
     with open(os.path.join(run_dir, "config.yaml")) as f:
         text = f.read()
     assert "# The kernels execution.* resolved to on this machine" in text and "gdn=" in text
-    assert load_config(os.path.join(run_dir, "config.yaml")).optim.lr == 1e-4
+    assert load_config(os.path.join(run_dir, "config.yaml")) == load_config(
+        SMOKE[1], SMOKE[2:] + [f"train.out_dir={out_dir}", "optim.lr=1e-4", "optim.clip_norm=0"])
 
 
 def test_resume_false_over_checkpoints_refuses(out_dir, capsys, jax_cache_dir):
@@ -295,3 +296,21 @@ def test_a_kill_during_the_metrics_rewrite_loses_nothing(tmp_path, monkeypatch):
     log = MetricsLog(str(tmp_path), resume_step=2, tensorboard=False)  # the next start truncates for real
     log.close()
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_a_state_tree_unlike_the_models_refuses(tmp_path):
+    """A checkpoint whose state tree differs (another trainer version wrote it) is not damage: it is refused, named,
+    and left in place."""
+    from qwen3next_train.config import ConfigError
+
+    train = _stream(tmp_path)
+    it = iter(train)
+    ckpt = Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig(every=1))
+    ckpt.save(1, {"x": np.ones(4, np.float32), "old": np.ones(2, np.float32)}, it, CONFIG)
+    ckpt.wait()
+    it.close()
+    with pytest.raises(ConfigError, match=r"its state does not have this model's tree \(2 differences: unexpected "
+                                          r"old; x has shape \(4,\), the model's is \(5,\)\)"):
+        Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig()).restore_newest(
+            {"x": jax.ShapeDtypeStruct((5,), np.float32)}, lambda: pytest.fail("nothing is restored"), CONFIG)
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["1"]

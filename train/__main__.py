@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from qwen3next_jax.platforms import skip_absent_tpu
     from qwen3next_train.checkpoint import CheckpointSaveError
-    from qwen3next_train.loop import NonFiniteError, setup  # after the config is known good: JAX takes a while
+    from qwen3next_train.loop import NonFiniteError, loop, setup  # after the config is known good: JAX takes a while
 
     skip_absent_tpu()
 
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         fail(EXIT_CONFIG, "config error: ", e)
     try:
-        run.loop()
+        loop(run)
     except (NonFiniteError, CheckpointSaveError) as e:
         fail(EXIT_STOPPED, "", e)
     return EXIT_PREEMPTED if run.preempted else 0

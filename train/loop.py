@@ -1,4 +1,4 @@
-"""The trainer in two parts, each read top to bottom: `setup(cfg)` makes a Run, `Run.loop()` trains it.
+"""The trainer in two parts, each read top to bottom: `setup(cfg)` makes a Run, `loop(run)` trains it.
 
 setup does everything that can fail on bad input before anything is computed or written: the mesh and the batch's
 fit on it, the tokenizer and the data sources, the model's config (an init source's own), the abstract model and
@@ -14,7 +14,7 @@ Step s of the loop consumes the s-th batch; the checkpoint written after step s 
 the data iterator positioned at batch s + 1, so a resumed run replays exactly what the uninterrupted run would have
 done. No checkpoint is written while the non-finite streak is above zero (a save that falls due then waits for the
 next finite step), so every checkpoint is healthy. SIGTERM (how SLURM and TPU pods preempt) finishes the current
-step, saves it and ends the loop with `Run.preempted` set.
+step, saves it and ends the loop with `run.preempted` set.
 """
 
 from __future__ import annotations
@@ -185,14 +185,17 @@ def initial_params(cfg: TrainConfig, mesh) -> nnx.State:
     return nnx.state(model, nnx.Param)
 
 
+def _sites(kernels: dict[str, dict[str, str]]) -> list[str]:
+    return [f"{site or 'model'}: " + ", ".join(f"{family}={impl}" for family, impl in sorted(chosen.items()))
+            for site, chosen in sorted(kernels.items())]
+
+
 def config_text(cfg: TrainConfig, kernels: dict[str, dict[str, str]]) -> str:
     """config.yaml: the resolved config, headed by comments (which the loader ignores) saying what each kernel
     family's choice became at each call site on this machine."""
     lines = ["# The resolved config of this run: `qwen3next-train --config` this file to run it again.",
              f"# The kernels execution.* resolved to on this machine ({Platform.current()}), per call site:"]
-    lines += [f"#   {site or 'model'}: " + ", ".join(f"{family}={impl}" for family, impl in sorted(chosen.items()))
-              for site, chosen in sorted(kernels.items())]
-    return "\n".join(lines) + "\n" + cfg.to_yaml()
+    return "\n".join(lines + [f"#   {site}" for site in _sites(kernels)]) + "\n" + cfg.to_yaml()
 
 
 @dataclasses.dataclass
@@ -208,10 +211,7 @@ class Run:
     step_fn: Any  # None when no step is left to run
     eval_fn: Any
     batch_sharding: NamedSharding
-    preempted: bool = False
-
-    def loop(self) -> dict[str, Any]:
-        return _loop(self)
+    preempted: bool = False  # set by loop() when SIGTERM stopped it
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -247,6 +247,7 @@ def setup(cfg: TrainConfig) -> Run:
         log.info("kernels (call sites per implementation): %s", "; ".join(
             f"{family}: " + ", ".join(f"{impl} x{n}" for impl, n in impls.items())
             for family, impls in kernel_summary(abstract_model).items()))
+        log.info("kernels per call site: %s", "; ".join(_sites(kernels)))
         kept = rundir.write_versioned(os.path.join(run_dir, "config.yaml"), config_text(cfg, kernels))
         if kept:
             log.info("config.yaml changed; the earlier one is kept as %s", os.path.basename(kept))
@@ -306,7 +307,7 @@ class _StopRequest:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _loop(run: Run) -> dict[str, Any]:
+def loop(run: Run) -> dict[str, Any]:
     """Trains run from run.start to cfg.train.steps; returns the last step's record."""
     cfg, ckpt, total = run.cfg, run.ckpt, run.cfg.train.steps
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
@@ -410,4 +411,4 @@ def _wait_reporting(ckpt: Checkpoints) -> None:
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Runs (or resumes) the run cfg.train.out_dir/cfg.train.name; returns the last step's record."""
-    return setup(cfg).loop()
+    return loop(setup(cfg))
