@@ -34,6 +34,10 @@ def test_init_from_hf_checkpoint(tmp_path):
     np.testing.assert_array_equal(lm_head, hf["lm_head.weight"].T)
     np.testing.assert_array_equal(np.asarray(state["params"]["mtp"]["fc"]["kernel"]["value"]), hf["mtp.fc.weight"].T)
 
+    # The run resumes without its source: its config.yaml holds the source's model.
+    again = load_config(str(run_dir / "config.yaml"), ["checkpoint.init_from_hf=null"])
+    assert loop.train(again) == {}  # resumed at step 1 of 1: nothing left to run
+
 
 def test_init_from_params_checkpoint(tmp_path):
     """checkpoint.init_from_params: the Orbax params checkpoint's config.json defines the model and its arrays are
