@@ -100,7 +100,7 @@ class Checkpoints:
         handlers = {"state": ocp.handlers.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                     "config": ocp.handlers.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
-        self._unconfirmed: list[int] = []  # the save started since the last wait(), if any
+        self._in_flight: int | None = None  # the step of the save started since the last wait()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -115,22 +115,22 @@ class Checkpoints:
         self.manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
             config=ocp.args.JsonSave(config)))
-        self._unconfirmed.append(step)
+        self._in_flight = step
 
     def wait(self) -> None:
-        """Blocks until every started save is complete. A save that failed in the background (Orbax raises its
-        error here, or only logs it) raises CheckpointSaveError naming the step."""
+        """Blocks until the save in flight is complete. One that failed in the background (Orbax raises its error
+        here, or only logs it) raises CheckpointSaveError naming the step."""
         error = None
         try:
             self.manager.wait_until_finished()
         except Exception as e:  # noqa: BLE001 - whatever the background write raised: reported below
             error = e
-        failed = [s for s in self._unconfirmed if not os.path.isdir(self.path(s))]  # before `keep` may drop it
-        self._unconfirmed = []
-        if failed or error is not None:
+        step, self._in_flight = self._in_flight, None
+        missing = step is not None and not os.path.isdir(self.path(step))  # checked before `keep` may drop it
+        if missing or error is not None:
             self.manager.reload()
             cause = f" ({_reason(error)})" if error is not None else " (see the error logged above)"
-            what = f"the checkpoint of step {failed[-1]}" if failed else "a checkpoint"
+            what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
             raise CheckpointSaveError(f"{what} was not written{cause}; the newest complete one is "
                                       f"{self._newest_text()}") from error
 
@@ -152,6 +152,8 @@ class Checkpoints:
                 with _orbax_quiet():
                     stored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
                     tree = self.manager.item_metadata(step)["state"]
+                    if tree is None:
+                        raise FileNotFoundError(f"{self.path(step)}/state has no readable metadata")
                     self._read_data_files(step)
             except DAMAGE as e:
                 self._set_aside(step, e)
@@ -187,8 +189,8 @@ class Checkpoints:
                 json.load(f)
 
     def _compare(self, step: int, stored: dict, config: dict, tree, abstract_state) -> list[str]:
-        """Refuses (ConfigError) a checkpoint whose structure differs from this run's; returns the notes of
-        changed fields that may change."""
+        """Refuses (ConfigError) a checkpoint whose structure differs from this run's; returns a note for each
+        changed field that may change."""
         structural, notes = resume_changes(stored, config)
         if structural:
             raise ConfigError(

@@ -200,6 +200,7 @@ def config_text(cfg: TrainConfig, kernels: dict[str, dict[str, str]]) -> str:
 
 @dataclasses.dataclass
 class Run:
+    """A run ready to train: what setup() made, what loop() needs."""
     cfg: TrainConfig
     run_dir: str
     state: TrainState
@@ -215,6 +216,8 @@ class Run:
 
 
 def setup(cfg: TrainConfig) -> Run:
+    """Everything before the first step, in the order the module docstring gives; bad input raises ConfigError
+    before the model's parameters exist or anything in the run directory is written."""
     run_dir = os.path.join(cfg.train.out_dir, cfg.train.name)
     mesh = make_mesh(cfg)
     cfg = dataclasses.replace(cfg, model=model_config(cfg))
