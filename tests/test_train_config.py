@@ -110,3 +110,15 @@ def test_gin_files_bind_values_and_run_no_code(tmp_path):
     (tmp_path / "scope.gin").write_text("eval/data.seq_len = 64\n")
     with pytest.raises(ConfigError, match="line 1: gin scopes and macros are not allowed"):
         load_config(None, [], [str(tmp_path / "scope.gin")])
+
+
+def test_the_current_directory_is_off_the_import_path(monkeypatch, capsys):
+    """`python -m` puts the current directory first on sys.path; the trainer takes it off before reading gin or
+    importing anything else."""
+    import os
+    import sys
+
+    monkeypatch.setattr(sys, "path", [os.getcwd()] + [p for p in sys.path if p != os.getcwd()])
+    with pytest.raises(SystemExit):
+        main(["train.stesp=3"])
+    assert os.getcwd() not in sys.path
