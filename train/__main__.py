@@ -1,4 +1,5 @@
-"""`qwen3next-train --config configs/tiny.yaml [--gin file.gin ...] [section.field=value ...]` (or python -m qwen3next_train).
+"""`qwen3next-train --config configs/tiny.yaml [--gin file.gin ...] [section.field=value ...]`
+(or `python -m qwen3next_train ...`).
 
 Exit status: 0 the run reached train.steps; 2 a config error (bad key or value, file, data, tokenizer, mesh, or a
 resume refused), reported in one `config error:` line before anything is computed; 1 the run stopped (too many
