@@ -134,7 +134,7 @@ MOVED = {"train.compute_dtype": "execution.compute_dtype", "train.param_dtype": 
 # What a changed field means when a run resumes. STRUCTURAL: it fixes the layout of the saved state or the data
 # stream the checkpoint's position refers to; a change refuses the resume, naming the fields, and leaves every
 # checkpoint in place. CHANGEABLE: the run resumes with the new value and a logged note. A section name tags every
-# field of that section not listed by itself (the model's fields belong to qwen3next_jax.Qwen3NextConfig).
+# field of that section not listed by itself (the model's and execution's fields belong to qwen3next_jax).
 # The mesh is compared as written: `data: -1` on 8 devices and then on 16 resumes (arrays are restored onto the new
 # mesh); changing an axis's written size is refused.
 STRUCTURAL, CHANGEABLE = "structural", "changeable"
@@ -142,9 +142,8 @@ ON_RESUME: dict[str, str] = {
     "model": STRUCTURAL,  # the shapes of every parameter, and the math the optimizer state belongs to
     "model.router_aux_loss_coef": CHANGEABLE,  # a loss weight
     "model.initializer_range": CHANGEABLE,  # read only when parameters are created
+    "execution": CHANGEABLE,  # remat and each kernel family's implementation: how the same state is computed
     "execution.compute_dtype": STRUCTURAL, "execution.param_dtype": STRUCTURAL,  # param_dtype is the state's
-    "execution.remat": CHANGEABLE, "execution.gdn": CHANGEABLE, "execution.conv": CHANGEABLE,
-    "execution.attention": CHANGEABLE, "execution.moe": CHANGEABLE, "execution.loss": CHANGEABLE,
     # The data stream: the checkpoint's iterator position counts batches of exactly this pipeline.
     "data.sources": STRUCTURAL, "data.text_field": STRUCTURAL, "data.tokenizer": STRUCTURAL,
     "data.seq_len": STRUCTURAL, "data.batch_size": STRUCTURAL, "data.seed": STRUCTURAL,
