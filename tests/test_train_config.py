@@ -1,4 +1,6 @@
 """The trainer's config: one schema filled from YAML, gin and the command line; bad keys and values are named."""
+import copy
+
 import pytest
 
 from qwen3next_train.config import ConfigError, load_config
@@ -122,3 +124,23 @@ def test_the_current_directory_is_off_the_import_path(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["train.stesp=3"])
     assert os.getcwd() not in sys.path
+
+
+def test_resume_changes_split_by_the_table():
+    from qwen3next_train.config import resume_changes
+
+    stored = load_config().to_dict()
+    new = load_config(None, ["execution.gdn=chunked", "execution.param_dtype=bfloat16", "mesh.fsdp=2",
+                             "train.steps=500", "model.router_aux_loss_coef=0.01", "model.num_experts=4"]).to_dict()
+    structural, changeable = resume_changes(stored, new)
+    assert structural == ["execution.param_dtype: 'float32' -> 'bfloat16'", "mesh.fsdp: 1 -> 2",
+                          "model.num_experts: 8 -> 4"]
+    assert changeable == ["execution.gdn: 'auto' -> 'chunked'", "model.router_aux_loss_coef: 0.001 -> 0.01",
+                          "train.steps: 200 -> 500"]
+    # A checkpoint of an older version: a moved key is compared under its new name, a new field is only noted.
+    older = copy.deepcopy(stored)
+    older["train"]["remat"] = "full"
+    del older["checkpoint"]["init_from_params"], older["execution"]["remat"]
+    structural, changeable = resume_changes(older, stored)
+    assert structural == []
+    assert changeable == ["checkpoint.init_from_params: '(not recorded)' -> None", "execution.remat: 'full' -> 'none'"]
