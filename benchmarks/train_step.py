@@ -28,6 +28,7 @@ from qwen3next_train.config import load_config
 from qwen3next_train.loop import make_train_step
 from qwen3next_train.metrics import flops_per_token, peak_flops
 from qwen3next_train.optim import make_optimizer, schedule
+from qwen3next_train.state import TrainState
 
 
 def bench_one(preset: str, B: int, T: int, attention_impl: str, remat: str, gdn_impl: str, steps: int,
@@ -40,8 +41,8 @@ def bench_one(preset: str, B: int, T: int, attention_impl: str, remat: str, gdn_
                                mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     tx = make_optimizer(cfg.optim, 1000)
-    state = dict(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
-                 rng=jax.random.key_data(jax.random.key(0)))
+    state = TrainState(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
+                       rng=jax.random.key_data(jax.random.key(0)))
     step = jax.jit(make_train_step(graphdef, rest, tx, cfg, schedule(cfg.optim, 1000)), donate_argnums=(0,))
     rng = np.random.default_rng(0)
     batch = dict(input_ids=jnp.asarray(rng.integers(0, cfg.model.vocab_size, (B, T)), jnp.int32),

@@ -113,7 +113,8 @@ class Qwen3NextConfig:
         if self.hidden_act != "silu":
             errors.append(f"hidden_act {self.hidden_act!r} is not supported (Qwen3-Next uses 'silu')")
         if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
-            errors.append("num_experts_per_tok must be in 1..num_experts")
+            errors.append(f"num_experts_per_tok {self.num_experts_per_tok} must be in 1..num_experts "
+                          f"({self.num_experts})")
         if rope_type(self.rope_scaling) not in ("default", "linear", "yarn", "llama3"):
             errors.append(f"rope_scaling type {rope_type(self.rope_scaling)!r} is not supported "
                           "(supported: 'default', 'linear', 'yarn', 'llama3')")

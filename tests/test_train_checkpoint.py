@@ -9,8 +9,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen3next_jax.sharding import make_mesh
 from qwen3next_train.checkpoint import Checkpoints
-from qwen3next_train.config import CheckpointConfig, DataConfig
+from qwen3next_train.config import CheckpointConfig, DataConfig, TrainConfig
 from qwen3next_train.data import ByteTokenizer, train_and_val
+
+
+CONFIG = TrainConfig().to_dict()
 
 
 def _data_iter(tmp_path):
@@ -31,7 +34,7 @@ def test_restore_onto_another_mesh_with_the_data_position(tmp_path):
     for _ in range(3):
         next(it)
     ckpt = Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig(every=1, keep=2))
-    assert ckpt.maybe_save(3, state, it, {"note": "config"})
+    ckpt.save(3, state, it, CONFIG)
     following = [next(it) for _ in range(4)]  # the iterator moves on while the save completes
     ckpt.wait()
 
@@ -39,7 +42,8 @@ def test_restore_onto_another_mesh_with_the_data_position(tmp_path):
     abstract = {"w": jax.ShapeDtypeStruct((8, 16), jnp.float32, sharding=target),
                 "step": jax.ShapeDtypeStruct((), jnp.int32)}
     fresh = iter(train)
-    step, restored = Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig()).restore_newest(abstract, fresh)
+    restored = Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig()).restore_newest(abstract, lambda: fresh, CONFIG)
+    step, restored, fresh = restored.step, restored.state, restored.data_iter
     assert step == 3 and int(restored["step"]) == 7
     assert restored["w"].sharding == target
     np.testing.assert_array_equal(np.asarray(restored["w"]), value)
@@ -51,14 +55,15 @@ def test_half_written_checkpoint_is_never_restored(tmp_path):
     train = _data_iter(tmp_path)
     it = iter(train)
     ckpt = Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig(every=1, keep=3))
-    ckpt.maybe_save(1, {"x": jnp.ones(4)}, it, {})
+    ckpt.save(1, {"x": jnp.ones(4)}, it, CONFIG)
     ckpt.wait()
     # What a run killed mid-save leaves: Orbax's temporary directory for step 2, never renamed to "2".
     partial = tmp_path / "ckpt" / "2.orbax-checkpoint-tmp-1234"
     (partial / "state").mkdir(parents=True)
     (partial / "state" / "garbage").write_bytes(b"\0" * 10)
-    step, restored = Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig()).restore_newest(
-        {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}, iter(train))
+    restored = Checkpoints(str(tmp_path / "ckpt"), CheckpointConfig()).restore_newest(
+        {"x": jax.ShapeDtypeStruct((4,), jnp.float32)}, lambda: iter(train), CONFIG)
+    step, restored = restored.step, restored.state
     assert step == 1
     np.testing.assert_array_equal(np.asarray(restored["x"]), np.ones(4))
     assert not os.path.exists(partial)  # and Orbax cleans it up

@@ -4,12 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from qwen3next_jax import Qwen3NextForCausalLM
+from qwen3next_jax.config import PRESETS, Qwen3NextConfig
 from qwen3next_train.config import load_config
 from qwen3next_train.loop import make_train_step
 from qwen3next_train.optim import decay_mask, schedule
+from qwen3next_train.state import TrainState
 
 
 def test_grad_accumulation_matches_one_batch():
@@ -28,10 +31,10 @@ def test_grad_accumulation_matches_one_batch():
     results = []
     for accum in (1, 2):
         c = load_config("configs/smoke.yaml", overrides + [f"optim.grad_accum_steps={accum}"])
-        state = dict(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
-                     rng=jax.random.key_data(jax.random.key(0)))
+        state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                           rng=jax.random.key_data(jax.random.key(0)))
         new_state, metrics = jax.jit(make_train_step(graphdef, rest, tx, c, schedule(c.optim, 10)))(state, batch)
-        results.append((new_state["params"], metrics))
+        results.append((new_state.params, metrics))
     (p1, m1), (p2, m2) = results
     for key in ("loss", "ce", "mtp", "grad_norm"):
         np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
@@ -49,3 +52,20 @@ def test_no_weight_decay_on_norms_biases_and_decay_parameters():
     assert any("q_norm" in p for p in exempt) and any("pre_fc_norm_hidden" in p for p in exempt)
     assert not any("norm" in p or "A_log" in p or "dt_bias" in p for p in decayed)
     assert any("q_proj" in p for p in decayed) and any("experts" in p for p in decayed)
+
+
+def _name_based_decays(path) -> bool:
+    """The trainer's earlier rule, kept here as the oracle: no decay where a name on the path is A_log, dt_bias or
+    bias, or contains "norm"."""
+    names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+    return not any(n in ("A_log", "dt_bias", "bias") or "norm" in n for n in names)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_weight_decay_mask_from_metadata_equals_the_name_rule(preset):
+    cfg = Qwen3NextConfig.preset(preset)
+    params = nnx.state(nnx.eval_shape(lambda: Qwen3NextForCausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    mask = {jax.tree_util.keystr(p): bool(d) for p, d in jax.tree_util.tree_leaves_with_path(decay_mask(params))}
+    names = {jax.tree_util.keystr(p): _name_based_decays(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
+    assert mask == names
+    assert any(mask.values()) and not all(mask.values())

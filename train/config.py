@@ -6,20 +6,29 @@ besides its fields it accepts `preset` (applied first, then the other model keys
 
 Precedence, lowest first: the schema defaults (a tiny model that trains on a CPU), the YAML file, gin files, the
 command line. An unknown key or a value of the wrong type is an error that names the key and, for an unknown key,
-the closest field.
+the closest field; so is a value out of range (AT_LEAST), a YAML syntax error (file and line) and an invalid model.
+
+Gin files are read with gin's own parser but hold data only: `section.field = literal` bindings and `include`.
+A gin `import` (which would run a module), `@references`, macros and scopes are refused, so a gin file cannot run
+code.
+
+ON_RESUME tags every field by what a change means for a run that resumes from a checkpoint (train/checkpoint.py
+compares the config stored in the checkpoint with the new one before restoring anything).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import re
+import json
+import logging
+import os
 import types
 import typing
 from typing import Any, Literal
 
-import gin
 import yaml
+from gin import config_parser
 
 from qwen3next_jax.config import Qwen3NextConfig
 from qwen3next_jax.execution import Execution
@@ -52,7 +61,7 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.95
     eps: float = 1e-8
-    clip_norm: float = 1.0  # global gradient norm; 0 disables clipping
+    clip_norm: float = 1.0  # global gradient norm; 0 disables clipping (the optimizer state is the same)
     grad_accum_steps: int = 1
     max_nonfinite_steps: int = 5  # a step with a non-finite gradient is skipped; stop after this many in a row
 
@@ -68,10 +77,11 @@ class LossConfig:
 @dataclasses.dataclass
 class CheckpointConfig:
     every: int = 50  # save every N steps (and at the end); 0 disables checkpointing
-    keep: int = 3  # keep the newest K complete checkpoints
+    keep: int = 3  # keep the newest K complete checkpoints; 0 keeps every one
     async_save: bool = True
     resume: bool = True  # resume from the newest complete checkpoint in the run directory
     init_from_hf: str | None = None  # a Hugging Face checkpoint directory to fine-tune from (when not resuming)
+    init_from_params: str | None = None  # or an Orbax params checkpoint (qwen3next-convert hf-to-orbax's layout)
 
 
 @dataclasses.dataclass
@@ -122,12 +132,73 @@ MOVED = {"train.compute_dtype": "execution.compute_dtype", "train.param_dtype": 
          "train.remat": "execution.remat", "train.gdn_impl": "execution.gdn",
          "train.attention_impl": "execution.attention"}
 
+# What a changed field means when a run resumes. STRUCTURAL: it fixes the layout of the saved state or the data
+# stream the checkpoint's position refers to; a change refuses the resume, naming the fields, and leaves every
+# checkpoint in place. CHANGEABLE: the run resumes with the new value and a logged note. A section name tags every
+# field of that section not listed by itself (the model's and execution's fields belong to qwen3next_jax).
+# The mesh is compared as written: `data: -1` on 8 devices and then on 16 resumes (arrays are restored onto the new
+# mesh); changing an axis's written size is refused.
+STRUCTURAL, CHANGEABLE = "structural", "changeable"
+ON_RESUME: dict[str, str] = {
+    "model": STRUCTURAL,  # the shapes of every parameter, and the math the optimizer state belongs to
+    "model.router_aux_loss_coef": CHANGEABLE,  # a loss weight
+    "model.initializer_range": CHANGEABLE,  # read only when parameters are created
+    "execution": CHANGEABLE,  # remat and each kernel family's implementation: how the same state is computed
+    "execution.compute_dtype": STRUCTURAL, "execution.param_dtype": STRUCTURAL,  # param_dtype is the state's
+    # The data stream: the checkpoint's iterator position counts batches of exactly this pipeline.
+    "data.sources": STRUCTURAL, "data.text_field": STRUCTURAL, "data.tokenizer": STRUCTURAL,
+    "data.seq_len": STRUCTURAL, "data.batch_size": STRUCTURAL, "data.seed": STRUCTURAL,
+    "data.packing_streams": STRUCTURAL, "data.row_shuffle_window": STRUCTURAL, "data.val_fraction": STRUCTURAL,
+    "data.num_workers": STRUCTURAL,  # grain's worker processes keep their own iterator states
+    "optim.lr": CHANGEABLE, "optim.min_lr_ratio": CHANGEABLE, "optim.warmup_steps": CHANGEABLE,
+    "optim.decay": CHANGEABLE, "optim.weight_decay": CHANGEABLE, "optim.b1": CHANGEABLE, "optim.b2": CHANGEABLE,
+    "optim.eps": CHANGEABLE, "optim.clip_norm": CHANGEABLE, "optim.max_nonfinite_steps": CHANGEABLE,
+    "optim.grad_accum_steps": STRUCTURAL,
+    "loss.mtp_weight": CHANGEABLE, "loss.z_loss_coef": CHANGEABLE, "loss.chunk_tokens": CHANGEABLE,
+    "checkpoint.every": CHANGEABLE, "checkpoint.keep": CHANGEABLE, "checkpoint.async_save": CHANGEABLE,
+    "checkpoint.resume": CHANGEABLE,
+    # Only a run that starts from nothing reads these; a resumed one has its weights.
+    "checkpoint.init_from_hf": CHANGEABLE, "checkpoint.init_from_params": CHANGEABLE,
+    "mesh": STRUCTURAL,
+    "train.name": CHANGEABLE, "train.out_dir": CHANGEABLE, "train.steps": CHANGEABLE,
+    "train.seed": STRUCTURAL,  # the initial parameters and the step RNG the state carries
+    "train.log_every": CHANGEABLE, "train.eval_every": CHANGEABLE, "train.eval_batches": CHANGEABLE,
+    "train.progress": CHANGEABLE,
+}
+
+# Lower bounds, checked once every source is applied: a size of 0 would divide by zero or train on nothing.
+AT_LEAST: dict[str, float] = {
+    "data.seq_len": 1, "data.batch_size": 1, "data.packing_streams": 1, "data.row_shuffle_window": 0,
+    "data.num_workers": 0, "data.val_fraction": 0,
+    "optim.lr": 0, "optim.min_lr_ratio": 0, "optim.warmup_steps": 0, "optim.weight_decay": 0, "optim.eps": 0,
+    "optim.clip_norm": 0, "optim.grad_accum_steps": 1, "optim.max_nonfinite_steps": 1,
+    "loss.mtp_weight": 0, "loss.z_loss_coef": 0, "loss.chunk_tokens": 1,
+    "checkpoint.every": 0, "checkpoint.keep": 0,
+    "train.steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 1,
+}
+
+log = logging.getLogger(__name__)
+
 
 class ConfigError(KeyError, TypeError):
-    """A bad key or value; the message names it."""
+    """A bad key or value, file or input; the message names it."""
 
     def __str__(self):  # KeyError would quote the message
         return str(self.args[0])
+
+
+def _fields(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(SECTIONS[section])]
+
+
+def on_resume(key: str) -> str:
+    """STRUCTURAL or CHANGEABLE for `section.field` (see ON_RESUME)."""
+    return ON_RESUME.get(key) or ON_RESUME[key.partition(".")[0]]
+
+
+_untagged = [f"{s}.{f}" for s in SECTIONS for f in _fields(s) if f"{s}.{f}" not in ON_RESUME and s not in ON_RESUME]
+if _untagged:  # every field must say what a change means on resume
+    raise TypeError(f"config fields missing from ON_RESUME: {_untagged}")
 
 
 def _suggest(key: str, choices) -> str:
@@ -194,24 +265,55 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+def _check_key(section: str, key: str, where: str = "") -> None:
+    """An unknown or moved `section.key` is an error naming it (and `where` it was written)."""
+    allowed = set(typing.get_type_hints(SECTIONS[section])) | ({MODEL_PRESET_KEY} if section == "model" else set())
+    if f"{section}.{key}" in MOVED:
+        raise ConfigError(f"{where}config key {section}.{key} is now {MOVED[f'{section}.{key}']}")
+    if key not in allowed:
+        raise ConfigError(f"{where}unknown config key {section}.{key}{_suggest(key, allowed)}")
+
+
 def _section(name: str, cls: type, values: dict[str, Any]):
     hints = typing.get_type_hints(cls)
-    allowed = set(hints) | ({MODEL_PRESET_KEY} if cls is Qwen3NextConfig else set())
     for key in values:
-        if f"{name}.{key}" in MOVED:
-            raise ConfigError(f"config key {name}.{key} is now {MOVED[f'{name}.{key}']}")
-        if key not in allowed:
-            raise ConfigError(f"unknown config key {name}.{key}{_suggest(key, allowed)}")
+        _check_key(name, key)
     typed = {k: _coerce(v, hints[k], f"{name}.{k}") for k, v in values.items() if k != MODEL_PRESET_KEY}
     if cls is Qwen3NextConfig:
-        base = Qwen3NextConfig.preset(values.get(MODEL_PRESET_KEY) or "tiny")
-        return base.replace(**typed) if typed else base
+        preset = values.get(MODEL_PRESET_KEY) or "tiny"
+        try:
+            base = Qwen3NextConfig.preset(preset)
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+        try:
+            return base.replace(**typed) if typed else base
+        except ValueError as e:  # the model's own validation: the message names the fields
+            raise ConfigError(f"model: {e}") from None
     if cls is Execution:
         try:
             return dataclasses.replace(TrainConfig().execution, **typed)
         except ValueError as e:  # an implementation or dtype the registry does not know: the message names it
             raise ConfigError(f"{name}: {e}") from None
     return cls(**typed)
+
+
+def _check_values(cfg: TrainConfig) -> None:
+    """Ranges and the facts that tie fields together; everything that can be checked without devices or files."""
+    for key, low in AT_LEAST.items():
+        section, _, field = key.partition(".")
+        value = getattr(getattr(cfg, section), field)
+        if value < low:
+            raise ConfigError(f"{key} must be at least {low}, got {value}")
+    if cfg.data.val_fraction >= 1:
+        raise ConfigError(f"data.val_fraction must be below 1, got {cfg.data.val_fraction}")
+    if cfg.data.batch_size % cfg.optim.grad_accum_steps:
+        raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be a multiple of optim.grad_accum_steps "
+                          f"{cfg.optim.grad_accum_steps}")
+    if cfg.checkpoint.init_from_hf and cfg.checkpoint.init_from_params:
+        raise ConfigError("checkpoint.init_from_hf and checkpoint.init_from_params are both set; choose one")
+    if cfg.data.seq_len > cfg.model.max_position_embeddings:
+        log.warning("data.seq_len %d is beyond model.max_position_embeddings %d: the model was not made for "
+                    "positions that far", cfg.data.seq_len, cfg.model.max_position_embeddings)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -224,48 +326,107 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree.setdefault(section, {})[field] = value
 
 
-def _register_gin() -> None:
-    """Each section is a gin configurable named after it, so a gin file binds `data.seq_len = 256`."""
-    for name, cls in SECTIONS.items():
-        if not gin.config._REGISTRY.get_match(name):  # registering twice is an error in gin
-            gin.external_configurable(cls, name=name)
-
-
-def _gin_values(gin_files: list[str]) -> dict[str, dict[str, Any]]:
-    _register_gin()
-    gin.clear_config()
+def _yaml_values(path: str) -> dict[str, dict[str, Any]]:
     try:
-        gin.parse_config_files_and_bindings(gin_files, bindings=None)
-    except ValueError as e:  # gin names the bad parameter; add the closest field like the other sources do
-        match = re.search(r"Configurable '(\w+)' doesn't have a parameter named '(\w+)'", str(e))
-        if not match:
-            raise
-        section, key = match.groups()
-        raise ConfigError(f"unknown config key {section}.{key}"
-                          f"{_suggest(key, typing.get_type_hints(SECTIONS[section]))}\n{e}") from None
-    return {name: dict(gin.get_bindings(name)) for name in SECTIONS if gin.get_bindings(name)}
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    tree = {}
+    for section, values in loaded.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown config section {section!r}{_suggest(section, SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping")
+        for key in values:
+            _check_key(section, key, f"{path}: ")
+        tree[section] = dict(values)
+    return tree
+
+
+class _DataOnly(config_parser.ParserDelegate):
+    """Gin values may be literals only: a reference would call a configurable, a macro is one more indirection."""
+
+    def configurable_reference(self, scoped_name, evaluate):
+        raise ConfigError(f"@{scoped_name}: gin references are not allowed; bind a literal value")
+
+    def macro(self, macro_name):
+        raise ConfigError(f"%{macro_name}: gin macros are not allowed; bind a literal value")
+
+
+def _gin_values(path: str, tree: dict[str, dict[str, Any]], including: tuple[str, ...] = ()) -> None:
+    """Adds the bindings of the gin file at `path` (and of the files it includes) to `tree`."""
+    if os.path.abspath(path) in including:
+        raise ConfigError(f"{path}: includes itself (through {' -> '.join(including)})")
+    try:
+        f = open(path)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the gin file ({e.strerror})") from None
+    with f:
+        statements = config_parser.ConfigParser(f, _DataOnly())
+        while True:
+            try:
+                statement = next(statements, None)
+            except SyntaxError as e:
+                raise ConfigError(f"{path}, line {e.lineno}: {e.msg}") from None
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+            if statement is None:
+                return
+            where = f"{path}, line {statement.location.line_num}: "
+            if isinstance(statement, config_parser.ImportStatement):
+                raise ConfigError(f"{where}`{statement.format()}`: gin imports run code and are not allowed; a "
+                                  "gin file here binds section.field = value only")
+            if isinstance(statement, config_parser.IncludeStatement):
+                _gin_values(os.path.join(os.path.dirname(path), statement.filename), tree,
+                            including + (os.path.abspath(path),))
+            elif isinstance(statement, config_parser.BindingStatement):
+                if statement.scope or not statement.arg_name:
+                    raise ConfigError(f"{where}gin scopes and macros are not allowed; write section.field = value")
+                if statement.selector not in SECTIONS:
+                    raise ConfigError(f"{where}unknown config section {statement.selector!r}"
+                                      f"{_suggest(statement.selector, SECTIONS)}")
+                _check_key(statement.selector, statement.arg_name, where)
+                tree.setdefault(statement.selector, {})[statement.arg_name] = statement.value
 
 
 def load_config(path: str | None = None, overrides: list[str] = (), gin_files: list[str] = ()) -> TrainConfig:
     """The resolved TrainConfig: defaults < YAML at `path` < gin files < `section.field=value` overrides."""
-    tree: dict[str, dict[str, Any]] = {}
-    if path:
-        with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        for section, values in loaded.items():
-            if section not in SECTIONS:
-                raise ConfigError(f"{path}: unknown config section {section!r}{_suggest(section, SECTIONS)}")
-            if not isinstance(values, dict):
-                raise ConfigError(f"{path}: section {section!r} must be a mapping")
-            tree[section] = dict(values)
-    if gin_files:
-        for section, values in _gin_values(list(gin_files)).items():
-            tree.setdefault(section, {}).update(values)
+    tree = _yaml_values(path) if path else {}
+    for gin_file in gin_files:
+        _gin_values(gin_file, tree)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} must be written section.field=value")
         _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return TrainConfig(**{name: _section(name, cls, tree.get(name, {})) for name, cls in SECTIONS.items()})
+    cfg = TrainConfig(**{name: _section(name, cls, tree.get(name, {})) for name, cls in SECTIONS.items()})
+    _check_values(cfg)
+    return cfg
+
+
+def _flat(config: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """{"section.field": value} of a config dict, values as JSON gives them back (tuples become lists)."""
+    return {f"{s}.{k}": v for s, fields in json.loads(json.dumps(config)).items() for k, v in fields.items()}
+
+
+def resume_changes(stored: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]]
+                   ) -> tuple[list[str], list[str]]:
+    """(structural, changeable): the fields that differ between the config a checkpoint was saved with and the new
+    one, each written `section.field: old -> new`. A key of an older version is compared under its new name."""
+    old = {MOVED.get(k, k): v for k, v in _flat(stored).items()}
+    cur = _flat(new)
+    structural, changeable = [], []
+    for key in sorted(set(old) | set(cur)):
+        if key in old and key in cur and old[key] == cur[key]:
+            continue
+        change = f"{key}: {old.get(key, '(not recorded)')!r} -> {cur.get(key, '(not a field any more)')!r}"
+        known = key.partition(".")[0] in SECTIONS and key in cur
+        (structural if known and on_resume(key) == STRUCTURAL and key in old else changeable).append(change)
+    return structural, changeable

@@ -15,6 +15,11 @@ pieces would compute run one by one (tests/test_train_packing.py).
 
 The iterator is a grain DatasetIterator: its state (a small dict) is saved with every checkpoint through grain's
 Orbax handler, and restoring it continues with the very next batch.
+
+Bad input is found when the sources are opened, before any model exists: a pattern that matches nothing, a JSONL
+line that is not JSON (file and line number), a record without the text field or with a non-string one, a Parquet
+file without the column or with a non-string one, a missing or unreadable tokenizer.json. Each is a ConfigError
+naming the key, file and line. Records whose text is null are skipped and counted in one warning per file.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import bisect
 import functools
 import glob
 import json
+import logging
 import os
 import sysconfig
 from typing import Any
@@ -31,7 +37,9 @@ import grain
 from absl import flags
 import numpy as np
 
-from qwen3next_train.config import DataConfig
+from qwen3next_train.config import ConfigError, DataConfig
+
+log = logging.getLogger(__name__)
 
 BYTE_VOCAB = 257  # bytes 0..255 and the end-of-document token 256
 BYTE_EOS = 256
@@ -62,11 +70,18 @@ class HFTokenizer:
 
 
 def make_tokenizer(spec: str, eos_id: int | list[int] | None):
+    """"bytes", or a tokenizer.json (or a directory holding one); a missing or unreadable file is a ConfigError."""
     if spec == "bytes":
         return ByteTokenizer()
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
-    return HFTokenizer(spec, eos_id)
+    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.tokenizer: {path!r} does not exist (give 'bytes' or the path of a tokenizer.json)")
+    try:
+        return HFTokenizer(path, eos_id)
+    except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a malformed file
+        raise ConfigError(f"data.tokenizer: {path} is not a readable tokenizer.json ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- documents
@@ -89,17 +104,37 @@ class _WholeFile:
 
 
 class _JsonLines:
-    """One document per line: line[field]. Line offsets are found once, so any line is read with one seek."""
+    """One document per line: line[field]. The file is read once when opened: every line is parsed (so a bad one
+    is named before training starts) and the offsets of the documents kept, so any one is read with one seek."""
 
     def __init__(self, path: str, field: str):
         self.path, self.field = path, field
-        offsets, pos = [], 0
+        offsets, pos, self.nulls, self.first_null = [], 0, 0, None
         with open(path, "rb") as f:
-            for line in f:
+            for number, line in enumerate(f, start=1):
                 if line.strip():
-                    offsets.append(pos)
+                    text = self._text(line, number)
+                    if text is None:
+                        self.nulls += 1
+                        self.first_null = self.first_null or number
+                    else:
+                        offsets.append(pos)
                 pos += len(line)
         self.offsets = np.asarray(offsets, np.int64)
+
+    def _text(self, line: bytes, number: int) -> str | None:
+        where = f"data.sources: {self.path}, line {number}"
+        try:
+            record = json.loads(line)
+        except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or self.field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ConfigError(f"{where}: no field {self.field!r} (data.text_field) in the record (it has {keys})")
+        text = record[self.field]
+        if text is not None and not isinstance(text, str):
+            raise ConfigError(f"{where}: field {self.field!r} is a {type(text).__name__}, not a string")
+        return text
 
     def __len__(self):
         return len(self.offsets)
@@ -111,17 +146,45 @@ class _JsonLines:
 
 
 class _Parquet:
-    """One document per row of column `field`; a row group is read whole and the last one kept."""
+    """One document per row of column `field`; a row group is read whole and the last one kept. The column's type
+    is checked when the file is opened; rows where it is null are skipped (the column is read once to find them,
+    only when the file's statistics do not rule nulls out)."""
 
     def __init__(self, path: str, field: str):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.path, self.field = path, field
-        meta = pq.ParquetFile(path).metadata
+        try:
+            file = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as e:
+            raise ConfigError(f"data.sources: {path}: not a readable Parquet file ({e})") from None
+        schema = file.schema_arrow
+        if field not in schema.names:
+            raise ConfigError(f"data.sources: {path}: no column {field!r} (data.text_field); it has {schema.names}")
+        kind = schema.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ConfigError(f"data.sources: {path}: column {field!r} is {kind}, not a string")
+        meta = file.metadata
         self.starts = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+        self.rows, self.nulls, self.first_null = None, 0, None
+        if self._may_hold_nulls(meta, schema.get_field_index(field)):
+            valid = file.read(columns=[field]).column(0).is_valid().to_numpy(zero_copy_only=False)
+            self.nulls = int((~valid).sum())
+            if self.nulls:
+                self.rows = np.flatnonzero(valid)
+                self.first_null = int(np.flatnonzero(~valid)[0]) + 1
+
+    @staticmethod
+    def _may_hold_nulls(meta, column: int) -> bool:
+        for g in range(meta.num_row_groups):
+            stats = meta.row_group(g).column(column).statistics
+            if stats is None or not stats.has_null_count or stats.null_count:
+                return True
+        return False
 
     def __len__(self):
-        return int(self.starts[-1])
+        return int(self.starts[-1]) if self.rows is None else len(self.rows)
 
     @functools.lru_cache(maxsize=1)
     def _group(self, g: int) -> list:
@@ -130,6 +193,8 @@ class _Parquet:
         return pq.ParquetFile(self.path).read_row_group(g, columns=[self.field]).column(0).to_pylist()
 
     def __getitem__(self, i: int) -> str:
+        if self.rows is not None:
+            i = int(self.rows[i])
         g = int(np.searchsorted(self.starts, i, side="right")) - 1
         return self._group(g)[i - int(self.starts[g])]
 
@@ -172,7 +237,7 @@ def expand_sources(patterns: list[str]) -> list[str]:
             else glob.glob(pattern, recursive=True)
         matches = [m for m in matches if os.path.isfile(m)]
         if not matches:
-            raise FileNotFoundError(f"data.sources: nothing matches {pattern!r}")
+            raise ConfigError(f"data.sources: no file matches {pattern!r}")
         files += matches
     return sorted(set(files))
 
@@ -182,6 +247,10 @@ class Documents:
 
     def __init__(self, files: list[str], field: str, indices: np.ndarray | None = None):
         self.files = [_reader(f)(f, field) for f in files]
+        for f in self.files:
+            if getattr(f, "nulls", 0):
+                log.warning("data.sources: %s: %d record(s) have %s null (the first at %s %d); they are skipped",
+                            f.path, f.nulls, field, "row" if isinstance(f, _Parquet) else "line", f.first_null)
         self.starts = np.cumsum([0] + [len(f) for f in self.files])
         self.indices = np.arange(self.starts[-1]) if indices is None else indices
 
@@ -205,7 +274,8 @@ def split_documents(cfg: DataConfig) -> tuple[Documents, Documents]:
     n = len(docs)
     n_val = max(1, int(round(n * cfg.val_fraction))) if cfg.val_fraction > 0 else 0
     if n - n_val < 1:
-        raise ValueError(f"data: {n} documents are too few to hold out {n_val} for validation")
+        raise ConfigError(f"data.sources: {n} documents are too few to hold out {n_val} for validation "
+                          f"(data.val_fraction {cfg.val_fraction})")
     order = np.random.default_rng(cfg.seed).permutation(n)
     return docs.subset(np.sort(order[n_val:])), docs.subset(np.sort(order[:n_val]))
 
@@ -292,7 +362,7 @@ def train_and_val(cfg: DataConfig, tokenizer, *, process_index: int = 0, process
                   ) -> tuple[grain.IterDataset, grain.IterDataset]:
     """The training stream and the validation stream for this host."""
     if cfg.batch_size % process_count:
-        raise ValueError(f"data.batch_size {cfg.batch_size} must be a multiple of the host count {process_count}")
+        raise ConfigError(f"data.batch_size {cfg.batch_size} must be a multiple of the host count {process_count}")
     train_docs, val_docs = split_documents(cfg)
     kw: dict[str, Any] = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size // process_count,
                               process_index=process_index, process_count=process_count)

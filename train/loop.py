@@ -1,12 +1,20 @@
-"""The training loop: model and data set up, resume, the functional train step, evaluation, logging, saving.
+"""The trainer in two parts, each read top to bottom: `setup(cfg)` makes a Run, `loop(run)` trains it.
+
+setup does everything that can fail on bad input before anything is computed or written: the mesh and the batch's
+fit on it, the tokenizer and the data sources, the model's config (an init source's own), the abstract model and
+train state; then the resume decision (train/checkpoint.py: stored config compared, damaged checkpoints set aside,
+the newest restored, state first and data position second), or a fresh state; only then config.yaml, the metrics
+log and the compiled step with its compile report.
 
 The hot path is functional: the model is split once (`nnx.split` -> graph definition + parameter state), the step
-is `jax.jit` of a pure function of (train state, batch) with explicit shardings and the train state donated, and
-the model is merged back (`nnx.merge`) only inside the traced function.
+is `jax.jit` of a pure function of (TrainState, batch) with explicit shardings and the state donated, and the model
+is merged back (`nnx.merge`) only inside the traced function.
 
-The train state is a dict {params, opt_state, step, rng}. Step s of the loop consumes the s-th batch; the checkpoint
-written after step s holds the state after s updates and the data iterator positioned at batch s + 1, so a resumed
-run replays exactly what the uninterrupted run would have done.
+Step s of the loop consumes the s-th batch; the checkpoint written after step s holds the state after s updates and
+the data iterator positioned at batch s + 1, so a resumed run replays exactly what the uninterrupted run would have
+done. No checkpoint is written while the non-finite streak is above zero (a save that falls due then waits for the
+next finite step), so every checkpoint is healthy. SIGTERM (how SLURM and TPU pods preempt) finishes the current
+step, saves it and ends the loop with `run.preempted` set.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -26,29 +36,28 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from qwen3next_jax import Qwen3NextForCausalLM
 from qwen3next_jax import sharding as shd
-from qwen3next_train import losses
-from qwen3next_train.checkpoint import Checkpoints
-from qwen3next_train.config import TrainConfig
+from qwen3next_jax.config import Qwen3NextConfig
+from qwen3next_jax.execution import kernel_summary, resolved_kernels
+from qwen3next_kernels.registry import Platform
+from qwen3next_train import losses, rundir
+from qwen3next_train.checkpoint import CheckpointSaveError, Checkpoints
+from qwen3next_train.compile_report import compile_report, format_compile_report
+from qwen3next_train.config import ConfigError, TrainConfig
 from qwen3next_train.data import make_tokenizer, train_and_val
 from qwen3next_train.metrics import MetricsLog, flops_per_token, peak_flops
-from qwen3next_train.optim import make_optimizer, schedule
+from qwen3next_train.optim import learning_rate, make_optimizer, schedule
+from qwen3next_train.state import TrainState, abstract_state, init_state, state_shardings
 
 log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("input_ids", "segment_ids", "positions")
 
 
 class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row."""
 
 
-def build_model(cfg: TrainConfig, mesh) -> Qwen3NextForCausalLM:
-    """A fresh model created in its shards, or a Hugging Face checkpoint to fine-tune (its config wins)."""
-    if cfg.checkpoint.init_from_hf:
-        from qwen3next_jax.hf import load_hf_checkpoint
-
-        return load_hf_checkpoint(cfg.checkpoint.init_from_hf, mesh=mesh, execution=cfg.execution)
-    return shd.create_sharded(lambda: Qwen3NextForCausalLM(
-        cfg.model, rngs=nnx.Rngs(cfg.train.seed), execution=cfg.execution), mesh)
-
+# ------------------------------------------------------------------------------------------------------ the step
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: TrainConfig, lr_schedule):
     """(state, batch) -> (state, metrics). The batch [B, T] is cut into grad_accum_steps micro-batches whose
@@ -57,8 +66,7 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Train
     loss_kw = dict(mtp_weight=cfg.loss.mtp_weight, aux_coef=cfg.model.router_aux_loss_coef,
                    z_loss_coef=cfg.loss.z_loss_coef, chunk_tokens=cfg.loss.chunk_tokens, n_micro=A)
 
-    def step(state, batch):
-        params = state["params"]
+    def step(state: TrainState, batch):
         counts = losses.token_counts(batch["segment_ids"], cfg.model.mtp_num_hidden_layers)
 
         def micro_loss(p, micro):
@@ -66,28 +74,24 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, cfg: Train
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         if A == 1:
-            (_, metrics), grads = grad_fn(params, batch)
+            (_, metrics), grads = grad_fn(state.params, batch)
         else:
             # Micro-batch a takes rows a, a + A, a + 2A, ...: each one spread over all the batch's devices.
             micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // A, A, *x.shape[1:]).swapaxes(0, 1), batch)
 
             def accumulate(carry, mb):
-                (_, m), g = grad_fn(params, mb)
+                (_, m), g = grad_fn(state.params, mb)
                 return jax.tree.map(jnp.add, carry, (g, m)), None
 
-            (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro))
+            (_, metrics_shape), grads_shape = jax.eval_shape(grad_fn, state.params,
+                                                             jax.tree.map(lambda x: x[0], micro))
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
             (grads, metrics), _ = jax.lax.scan(accumulate, zeros, micro)
-        # The learning rate this step uses: the schedule advances only on updates apply_if_finite applied.
-        lr = lr_schedule(state["step"] - state["opt_state"].total_notfinite)
-        updates, opt_state = tx.update(grads, state["opt_state"], params)
-        metrics.update(
-            grad_norm=optax.tree.norm(grads),
-            lr=lr,
-            nonfinite_in_a_row=opt_state.notfinite_count)
-        new_state = dict(params=optax.apply_updates(params, updates), opt_state=opt_state,
-                         step=state["step"] + 1, rng=state["rng"])
-        return new_state, metrics
+        lr = learning_rate(lr_schedule, state.step, state.opt_state)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        metrics.update(grad_norm=optax.tree.norm(grads), lr=lr, nonfinite_in_a_row=opt_state.notfinite_count)
+        return state.replace(params=optax.apply_updates(state.params, updates), opt_state=opt_state,
+                             step=state.step + 1), metrics
 
     return step
 
@@ -124,121 +128,290 @@ def validation_loss(eval_fn, params, val_ds, n_batches: int, sharding, mtp_depth
     return out
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs (or resumes) the run cfg.train.out_dir/cfg.train.name; returns the last step's record."""
-    run_dir = os.path.join(cfg.train.out_dir, cfg.train.name)
-    os.makedirs(run_dir, exist_ok=True)
-    mesh = shd.make_mesh(**dataclasses.asdict(cfg.mesh))
-    model = build_model(cfg, mesh)
-    cfg = dataclasses.replace(cfg, model=model.config)  # a Hugging Face checkpoint brings its own config
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
+# ------------------------------------------------------------------------------------------------------ setup
 
+def make_mesh(cfg: TrainConfig):
+    """The device mesh; a layout the devices cannot form, or a batch it cannot split, is a ConfigError."""
+    try:
+        mesh = shd.make_mesh(**dataclasses.asdict(cfg.mesh))
+    except ValueError as e:
+        raise ConfigError(f"mesh: {e}") from None
+    shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+    rows = cfg.data.batch_size // cfg.optim.grad_accum_steps
+    if rows % shards:
+        raise ConfigError(
+            f"data.batch_size {cfg.data.batch_size} / optim.grad_accum_steps {cfg.optim.grad_accum_steps} = {rows} "
+            f"rows per micro-batch do not split over the mesh's data x fsdp x expert = {mesh.shape['data']} x "
+            f"{mesh.shape['fsdp']} x {mesh.shape['expert']} = {shards} batch shards")
+    return mesh
+
+
+def model_config(cfg: TrainConfig) -> Qwen3NextConfig:
+    """The model's config: the init source's own (read from its config.json, no weights) where there is one."""
+    if cfg.checkpoint.init_from_hf:
+        from qwen3next_jax.hf import read_hf_config
+        from qwen3next_jax.hf.safetensors import SafetensorsReader
+
+        try:
+            reader = SafetensorsReader(cfg.checkpoint.init_from_hf)
+            try:
+                return read_hf_config(cfg.checkpoint.init_from_hf, reader.names())
+            finally:
+                reader.close()
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"checkpoint.init_from_hf: {e}") from None
+    if cfg.checkpoint.init_from_params:
+        try:
+            return Qwen3NextConfig.from_json_file(os.path.join(cfg.checkpoint.init_from_params, "config.json"))
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"checkpoint.init_from_params: {e}") from None
+    return cfg.model
+
+
+def initial_params(cfg: TrainConfig, mesh) -> nnx.State:
+    """Step 0's parameters, each created (or read) in its shard: fresh, a Hugging Face checkpoint's, or an Orbax
+    params checkpoint's."""
+    if cfg.checkpoint.init_from_hf:
+        from qwen3next_jax.hf import load_hf_checkpoint
+
+        model = load_hf_checkpoint(cfg.checkpoint.init_from_hf, mesh=mesh, execution=cfg.execution)
+    elif cfg.checkpoint.init_from_params:
+        from qwen3next_jax.orbax_io import load_orbax_params
+
+        model = load_orbax_params(cfg.checkpoint.init_from_params, mesh=mesh, execution=cfg.execution)
+    else:
+        model = shd.create_sharded(lambda: Qwen3NextForCausalLM(
+            cfg.model, rngs=nnx.Rngs(cfg.train.seed), execution=cfg.execution), mesh)
+    return nnx.state(model, nnx.Param)
+
+
+def _sites(kernels: dict[str, dict[str, str]]) -> list[str]:
+    return [f"{site or 'model'}: " + ", ".join(f"{family}={impl}" for family, impl in sorted(chosen.items()))
+            for site, chosen in sorted(kernels.items())]
+
+
+def config_text(cfg: TrainConfig, kernels: dict[str, dict[str, str]]) -> str:
+    """config.yaml: the resolved config, headed by comments (which the loader ignores) saying what each kernel
+    family's choice became at each call site on this machine."""
+    lines = ["# The resolved config of this run: `qwen3next-train --config` this file to run it again.",
+             f"# The kernels execution.* resolved to on this machine ({Platform.current()}), per call site:"]
+    return "\n".join(lines + [f"#   {site}" for site in _sites(kernels)]) + "\n" + cfg.to_yaml()
+
+
+@dataclasses.dataclass
+class Run:
+    """A run ready to train: what setup() made, what loop() needs."""
+    cfg: TrainConfig
+    run_dir: str
+    state: TrainState
+    start: int  # the step the state is at
+    train_iter: Any
+    val_ds: Any
+    ckpt: Checkpoints
+    metrics_log: MetricsLog
+    step_fn: Any  # None when no step is left to run
+    eval_fn: Any
+    batch_sharding: NamedSharding
+    preempted: bool = False  # set by loop() when SIGTERM stopped it
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Everything before the first step, in the order the module docstring gives; bad input raises ConfigError
+    before the model's parameters exist or anything in the run directory is written."""
+    run_dir = os.path.join(cfg.train.out_dir, cfg.train.name)
+    mesh = make_mesh(cfg)
+    cfg = dataclasses.replace(cfg, model=model_config(cfg))
     tokenizer = make_tokenizer(cfg.data.tokenizer, cfg.model.eos_token_id)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}")
-    if cfg.data.batch_size % cfg.optim.grad_accum_steps:
-        raise ValueError(f"data.batch_size {cfg.data.batch_size} must be a multiple of optim.grad_accum_steps "
-                         f"{cfg.optim.grad_accum_steps}")
+        raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
+                          f"{cfg.model.vocab_size}")
     train_ds, val_ds = train_and_val(cfg.data, tokenizer, process_index=jax.process_index(),
                                      process_count=jax.process_count())
-    train_iter = iter(train_ds)
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    del model
-    total_steps = cfg.train.steps
-    lr_schedule = schedule(cfg.optim, total_steps)
-    tx = make_optimizer(cfg.optim, total_steps)
-    # Explicit shardings for the whole state: the moments are sharded like their parameters, scalars replicated.
-    replicated = NamedSharding(mesh, P())
-    param_shardings = jax.tree.map(lambda x: x.sharding, params)
-    opt_shardings = optax.tree_map_params(tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params),
-                                          param_shardings, transform_non_params=lambda _: replicated)
-    state_shardings = dict(params=param_shardings, opt_state=opt_shardings, step=replicated, rng=replicated)
-    state = dict(params=params, opt_state=jax.jit(tx.init, out_shardings=opt_shardings)(params),
-                 step=jax.device_put(jnp.zeros((), jnp.int32), replicated),
-                 rng=jax.device_put(jax.random.key_data(jax.random.key(cfg.train.seed)), replicated))
+    abstract_model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(
+        cfg.model, rngs=nnx.Rngs(cfg.train.seed), execution=cfg.execution))
+    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    shardings = state_shardings(shd.state_shardings(abstract_params, mesh), tx, abstract_params, mesh)
+    abstract = abstract_state(tx, abstract_params, shardings)
 
     ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
-    start = 0
-    if cfg.checkpoint.resume:
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = ckpt.restore_newest(abstract, train_iter)
+    train_iter = None
+    try:
+        restored = resume(cfg, ckpt, abstract, lambda: iter(train_ds))
         if restored is not None:
-            start, state = restored
+            state, start, train_iter = restored.state, restored.step, restored.data_iter
             log.info("resumed from step %d", start)
-    metrics_log = MetricsLog(run_dir, resume_step=start if start else None)
+        else:
+            state, start = init_state(initial_params(cfg, mesh), tx, cfg.train.seed, shardings), 0
+            train_iter = iter(train_ds)
 
-    batch_spec = shd.logical_to_spec(("batch", "seq"), (cfg.data.batch_size, cfg.data.seq_len), mesh)
-    batch_sharding = NamedSharding(mesh, batch_spec)
-    # Traced with the mesh in context, so the Gated DeltaNet kernels run per shard (sharding.per_shard).
-    step_fn = shd.in_mesh(mesh, jax.jit(make_train_step(graphdef, rest, tx, cfg, lr_schedule),
-                                        in_shardings=(state_shardings, batch_sharding),
-                                        out_shardings=(state_shardings, replicated), donate_argnums=(0,)))
-    eval_fn = shd.in_mesh(mesh, jax.jit(make_eval_step(graphdef, rest, cfg),
-                                        in_shardings=(state_shardings["params"], batch_sharding),
-                                        out_shardings=replicated))
+        kernels = resolved_kernels(abstract_model)
+        log.info("kernels (call sites per implementation): %s", "; ".join(
+            f"{family}: " + ", ".join(f"{impl} x{n}" for impl, n in impls.items())
+            for family, impls in kernel_summary(abstract_model).items()))
+        log.info("kernels per call site: %s", "; ".join(_sites(kernels)))
+        kept = rundir.write_versioned(os.path.join(run_dir, "config.yaml"), config_text(cfg, kernels))
+        if kept:
+            log.info("config.yaml changed; the earlier one is kept as %s", os.path.basename(kept))
 
+        replicated = NamedSharding(mesh, P())
+        batch_sharding = NamedSharding(mesh, shd.logical_to_spec(
+            ("batch", "seq"), (cfg.data.batch_size, cfg.data.seq_len), mesh))
+        step_fn = eval_fn = None
+        if start < cfg.train.steps:
+            step_jit = jax.jit(make_train_step(graphdef, rest, tx, cfg, schedule(cfg.optim, cfg.train.steps)),
+                               in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
+                               donate_argnums=(0,))
+            batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
+                                             sharding=batch_sharding) for k in BATCH_KEYS}
+            # Traced with the mesh in context, so the Gated DeltaNet kernels run per shard (sharding.per_shard).
+            with jax.set_mesh(mesh):
+                step_fn = step_jit.lower(abstract, batch).compile()
+            log.info("train step compiled: %s", format_compile_report(compile_report(step_fn)))
+            eval_fn = shd.in_mesh(mesh, jax.jit(make_eval_step(graphdef, rest, cfg), out_shardings=replicated,
+                                                in_shardings=(shardings.params, batch_sharding)))
+        metrics_log = MetricsLog(run_dir, resume_step=start)
+    except BaseException:
+        ckpt.close()
+        if train_iter is not None:
+            train_iter.close()
+        raise
+    return Run(cfg, run_dir, state, start, train_iter, val_ds, ckpt, metrics_log, step_fn, eval_fn, batch_sharding)
+
+
+def resume(cfg: TrainConfig, ckpt: Checkpoints, abstract: TrainState, new_iterator):
+    """The restored newest checkpoint (checkpoint.Restored), or None to start at step 0."""
+    if cfg.checkpoint.resume:
+        return ckpt.restore_newest(abstract, new_iterator, cfg.to_dict())
+    if ckpt.steps():
+        raise ConfigError(f"checkpoint.resume is false but {ckpt.directory} holds checkpoints (steps "
+                          f"{ckpt.steps()}); a new run there would collide with them: resume it, or choose another "
+                          "train.name")
+    return None
+
+
+# ------------------------------------------------------------------------------------------------------ loop
+
+class _StopRequest:
+    """Catches SIGTERM for the loop's lifetime: the loop saves after the current step and ends."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def close(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def loop(run: Run) -> dict[str, Any]:
+    """Trains run from run.start to cfg.train.steps; returns the last step's record."""
+    cfg, ckpt, total = run.cfg, run.ckpt, run.cfg.train.steps
     flops = flops_per_token(cfg.model, cfg.data.seq_len)["total"]
     peak = peak_flops(jax.devices()[0])
     n_devices = jax.device_count()
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
+    healthy = run.start if run.start else None  # the newest checkpoint written or restored: all are healthy
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total_steps, initial=start, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=run.start, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
+    streak = 0
     t_prev = time.perf_counter()
 
     def finish(step: int, metrics) -> None:
         """Fetch step's metrics (it has finished by now), write them, and enforce the non-finite policy."""
-        nonlocal t_prev, last
+        nonlocal t_prev, last, streak
         host = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
         step_time, t_prev = now - t_prev, now
         tps = tokens_per_step / step_time / n_devices
-        record = {k: host[k] for k in ("loss", "ce", "mtp", "aux", "z_loss") if k in host}
-        record.update(grad_norm=host["grad_norm"], lr=host["lr"], skipped=int(host["nonfinite_in_a_row"] > 0),
-                      step_time=step_time, tokens_per_s_per_device=tps)
+        record = {k: host[k] for k in ("loss", "ce", "mtp", "aux", "z_loss", "expert_load_max", "dropped")
+                  if k in host}
+        streak = int(host["nonfinite_in_a_row"])
+        record.update(grad_norm=host["grad_norm"], lr=host["lr"], skipped=int(streak > 0), step_time=step_time,
+                      tokens_per_s_per_device=tps)
         if peak:
             record["mfu"] = flops * tps / peak
-        metrics_log.write(step, record, tensorboard=step % cfg.train.log_every == 0 or step == total_steps)
+        run.metrics_log.write(step, record, tensorboard=step % cfg.train.log_every == 0 or step == total)
         last = {"step": step, **record}
         bar.update(1)
-        if step % cfg.train.log_every == 0 or step == total_steps:
+        if step % cfg.train.log_every == 0 or step == total:
             bar.set_postfix(loss=f"{record['loss']:.3f}", gnorm=f"{record['grad_norm']:.2f}",
                             tok_s=f"{tps:.0f}", refresh=False)
-        if host["nonfinite_in_a_row"] >= cfg.optim.max_nonfinite_steps:
-            raise NonFiniteError(f"{int(host['nonfinite_in_a_row'])} non-finite steps in a row (step {step}); "
-                                 f"stopping (optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps})")
+        if streak >= cfg.optim.max_nonfinite_steps:
+            raise NonFiniteError(f"{streak} non-finite steps in a row (step {step}); stopping "
+                                 f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps})")
 
-    pending = None
+    stop = _StopRequest()
+    pending, save_due = None, False
     try:
-        for step in range(start + 1, total_steps + 1):
-            batch = _global_batch(next(train_iter), batch_sharding)
-            state, metrics = step_fn(state, batch)
+        for step in range(run.start + 1, total + 1):
+            batch = _global_batch(next(run.train_iter), run.batch_sharding)
+            run.state, metrics = run.step_fn(run.state, batch)
             if pending is not None:  # fetched one step late, so the host never waits for the device to go idle
                 finish(*pending)
             pending = (step, metrics)
-            is_last = step == total_steps
+            is_last = step == total
             evaluate = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or is_last)
-            save = ckpt.enabled and (step % cfg.checkpoint.every == 0 or is_last)
-            if evaluate or save or is_last:
+            save_due = save_due or (ckpt.enabled and (step % cfg.checkpoint.every == 0 or is_last))
+            if evaluate or save_due or is_last or stop.received:
                 finish(*pending)
                 pending = None
             if evaluate:
-                val = validation_loss(eval_fn, state["params"], val_ds, cfg.train.eval_batches, batch_sharding,
-                                      cfg.model.mtp_num_hidden_layers)
-                metrics_log.write(step, val)
+                val = validation_loss(run.eval_fn, run.state.params, run.val_ds, cfg.train.eval_batches,
+                                      run.batch_sharding, cfg.model.mtp_num_hidden_layers)
+                run.metrics_log.write(step, val)
                 last.update(val)
                 bar.write(f"step {step}: loss {last['loss']:.4f}, val_loss {val['val_loss']:.4f}")
-            if save:
-                ckpt.maybe_save(step, state, train_iter, cfg.to_dict(), force=is_last)
+            if (save_due or stop.received) and ckpt.enabled:
+                if streak:
+                    log.warning("step %d: not saving during a run of %d non-finite steps; the save waits for the "
+                                "next finite step", step, streak)
+                else:
+                    ckpt.save(step, run.state, run.train_iter, cfg.to_dict())
+                    healthy, save_due = step, False
+            if stop.received:
+                run.preempted = True
+                log.warning("SIGTERM: stopping after step %d; the newest checkpoint is %s", step,
+                            _checkpoint_text(ckpt, healthy))
+                break
         ckpt.wait()
+    except NonFiniteError as e:
+        _wait_reporting(ckpt)
+        raise NonFiniteError(f"{e}. The last healthy checkpoint is {_checkpoint_text(ckpt, healthy)}: resume from "
+                             "it (e.g. with a lower optim.lr)") from None
+    except BaseException:
+        _wait_reporting(ckpt)
+        raise
     finally:
+        stop.close()
         bar.close()
         ckpt.close()
-        metrics_log.close()
-        train_iter.close()  # stops grain's threads and worker processes
+        run.metrics_log.close()
+        run.train_iter.close()  # stops grain's threads and worker processes
     return last
+
+
+def _checkpoint_text(ckpt: Checkpoints, step: int | None) -> str:
+    return f"step {step} ({ckpt.path(step)})" if step is not None else "none (no checkpoint was written)"
+
+
+def _wait_reporting(ckpt: Checkpoints) -> None:
+    """Waits for the saves in flight while another error propagates: a failed save is logged, not raised over it."""
+    try:
+        ckpt.wait()
+    except CheckpointSaveError as e:
+        log.error("%s", e)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs (or resumes) the run cfg.train.out_dir/cfg.train.name; returns the last step's record."""
+    return loop(setup(cfg))

@@ -25,6 +25,7 @@ from typing import Any
 import jax
 
 from qwen3next_jax.config import FULL, Qwen3NextConfig
+from qwen3next_train import rundir
 
 # Peak dense bf16 FLOP/s per device (vendor figures, without sparsity), matched against device_kind.
 PEAK_BF16 = {
@@ -82,25 +83,37 @@ def flops_per_token(c: Qwen3NextConfig, seq_len: int) -> dict[str, float]:
     return parts
 
 
+def _step(line: str) -> int | None:
+    """A record's step; None for a line a kill cut short (only ever the last one)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 class MetricsLog:
     """metrics.jsonl (one JSON object per record, flushed at once) and TensorBoard scalars.
 
-    On a resume from step s, records after s (written by the interrupted run after its last checkpoint) are
-    dropped, so the file reads exactly as if the run had never stopped; TensorBoard purges them the same way.
+    On a resume from step s > 0, records after s (written by the interrupted run after its last checkpoint, and
+    about to be written again identically) are dropped, so the file reads exactly as if the run had never stopped;
+    the file is rewritten to a temporary one and renamed, so a kill during the rewrite loses nothing. TensorBoard
+    purges them the same way. A run that starts at step 0 over an earlier metrics.jsonl keeps that file beside it
+    (metrics.1.jsonl, ...).
     """
 
-    def __init__(self, run_dir: str, resume_step: int | None, tensorboard: bool = True):
+    def __init__(self, run_dir: str, resume_step: int, tensorboard: bool = True):
         from tensorboardX import SummaryWriter
 
         self.path = os.path.join(run_dir, "metrics.jsonl")
-        kept = []
-        if resume_step is not None and os.path.exists(self.path):
-            with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
-        with open(self.path, "w") as f:
-            f.writelines(kept)
+        if os.path.exists(self.path):
+            if resume_step == 0:
+                rundir.keep_earlier_version(self.path)
+            else:
+                with open(self.path) as f:
+                    kept = [line for line in f if _step(line) is not None and _step(line) <= resume_step]
+                rundir.write_atomically(self.path, "".join(kept))
         self._file = open(self.path, "a")
-        purge = None if resume_step is None else resume_step + 1
+        purge = resume_step + 1 if resume_step else None
         self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge) if tensorboard else None
 
     def write(self, step: int, record: dict[str, Any], tensorboard: bool = True) -> None:

@@ -1,30 +1,27 @@
-"""The Optax optimizer: AdamW with warmup and cosine / linear decay, global-norm clipping, and no weight decay on
-norms, biases, A_log and dt_bias; wrapped in `optax.apply_if_finite`, which skips a step whose gradient is not
-finite (parameters and moments unchanged) and counts such steps in a row, so the loop can stop after N."""
+"""The Optax optimizer: AdamW with warmup and cosine / linear decay, global-norm clipping, and weight decay only on
+the parameters the model declares decayed; wrapped in `optax.apply_if_finite`, which skips a step whose gradient is
+not finite (parameters and moments unchanged) and counts such steps in a row, so the loop can stop after N."""
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
+from flax import nnx
 
 from qwen3next_train.config import OptimConfig
 
-# A parameter is exempt from weight decay when any name on its path matches: every norm of the model (RMSNorm and
-# gated RMSNorm weights, q_norm / k_norm, MTP norms), biases, and the Gated DeltaNet decay parameters.
-NO_DECAY_NAMES = ("A_log", "dt_bias", "bias")
 
+def decay_mask(params: nnx.State) -> nnx.State:
+    """True where weight decay applies: each parameter's own `weight_decay` metadata (qwen3next_jax.layers.param;
+    False on norms, biases, A_log and dt_bias). A parameter that does not declare it is an error."""
+    def decays(path, variable: nnx.Variable) -> nnx.Variable:
+        metadata = variable.get_metadata()
+        if "weight_decay" not in metadata:
+            raise ValueError(f"parameter {jax.tree_util.keystr(path)} has no weight_decay metadata")
+        return variable.replace(bool(metadata["weight_decay"]))
 
-def _path_names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
-
-
-def decays(path) -> bool:
-    names = _path_names(path)
-    return not any(n in NO_DECAY_NAMES or "norm" in n for n in names)
-
-
-def decay_mask(params):
-    return jax.tree_util.tree_map_with_path(lambda path, _: decays(path), params)
+    return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -40,10 +37,19 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
 
 
+def learning_rate(lr_schedule: optax.Schedule, step: jax.Array, opt_state) -> jax.Array:
+    """The rate the update after `step` steps applies. The schedule counts applied updates, so a step that
+    apply_if_finite skipped (its `total_notfinite`) does not advance it."""
+    return lr_schedule(step - opt_state.total_notfinite)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    # Clipping is always in the chain (clip_norm 0: an infinite bound), so its state, and so a checkpoint's tree,
+    # does not depend on optim.clip_norm: it can change when a run resumes.
+    clip = cfg.clip_norm if cfg.clip_norm > 0 else jnp.inf
+    chain = optax.chain(optax.clip_by_global_norm(clip),
+                        optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay, mask=decay_mask))
     # Every non-finite update is rejected (the limit is never reached); the loop stops after
     # cfg.max_nonfinite_steps of them in a row, reading the count from this wrapper's state.
-    return optax.apply_if_finite(optax.chain(*parts), max_consecutive_errors=2**31 - 1)
+    return optax.apply_if_finite(chain, max_consecutive_errors=2**31 - 1)

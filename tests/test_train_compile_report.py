@@ -1,0 +1,56 @@
+"""The compile report: per-device memory from XLA's accounting and the collectives of the compiled HLO, on 8 fake
+CPU devices."""
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from qwen3next_jax.sharding import make_mesh
+from qwen3next_train.compile_report import COLLECTIVES, compile_report, count_collectives, format_compile_report
+
+
+def test_each_collective_of_a_sharded_step_is_counted():
+    mesh = make_mesh(data=-1)
+    n = mesh.shape["data"]
+
+    def per_device(x):  # one of each: all-reduce, all-gather, collective-permute, all-to-all
+        total = jax.lax.psum(x, "data")
+        gathered = jax.lax.all_gather(x, "data", tiled=True)
+        shifted = jax.lax.ppermute(x, "data", [(i, (i + 1) % n) for i in range(n)])
+        swapped = jax.lax.all_to_all(x, "data", 0, 0, tiled=True)
+        return total + shifted + swapped, gathered
+
+    step = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=P("data"), out_specs=(P("data"), P("data"))))
+    x = jax.ShapeDtypeStruct((8 * n, 16), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    compiled = step.lower(x).compile()
+    report = compile_report(compiled)
+    counts = report["collectives"]
+    assert {k: counts[k] for k in ("all-reduce", "all-gather", "collective-permute", "all-to-all")} == {
+        "all-reduce": 1, "all-gather": 1, "collective-permute": 1, "all-to-all": 1}
+    assert counts["reduce-scatter"] == counts["ragged-all-to-all"] == 0
+    # Memory per device: the argument is one shard of x, 8 rows of 16 floats.
+    analysis = compiled.memory_analysis()
+    assert report["memory"]["arguments"] == analysis.argument_size_in_bytes == 8 * 16 * 4
+    assert report["memory"]["outputs"] == analysis.output_size_in_bytes > 0
+    assert report["memory"]["temporaries"] == analysis.temp_size_in_bytes
+    line = format_compile_report(report)
+    assert "arguments 512 B" in line and "all-to-all 1" in line and "reduce-scatter" not in line
+
+
+def test_a_step_without_communication_reports_none():
+    mesh = make_mesh(data=-1)
+    x = jax.ShapeDtypeStruct((64, 16), jnp.float32, sharding=NamedSharding(mesh, P("data")))
+    compiled = jax.jit(lambda a: a * 2 + 1).lower(x).compile()
+    assert set(compile_report(compiled)["collectives"].values()) == {0}
+    assert format_compile_report(compile_report(compiled)).endswith("collectives: none")
+
+
+def test_hlo_opcodes_not_names():
+    """Asynchronous pairs count once; an instruction's name is not its opcode; ragged-all-to-all is not all-to-all."""
+    hlo = """
+      %all-gather-start.1 = (f32[2]{0}, f32[16]{0}) all-gather-start(f32[2]{0} %p), dimensions={0}
+      %all-gather-done.1 = f32[16]{0} all-gather-done((f32[2]{0}, f32[16]{0}) %all-gather-start.1)
+      %x = f32[16]{0} ragged-all-to-all(f32[16]{0} %a, f32[16]{0} %b, s64[8]{0} %c, s64[8]{0} %d)
+      %all-to-all.2 = f32[16]{0} add(f32[16]{0} %all-gather-done.1, f32[16]{0} %x)
+    """
+    counts = count_collectives(hlo)
+    assert counts == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 1, "ragged-all-to-all": 1}
