@@ -41,7 +41,7 @@ def run(tmp_path_factory):
     checkpoints (steps 1 and 2)."""
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config("configs/smoke.yaml", [f"train.out_dir={out}", "train.steps=2", "train.eval_every=0",
-                                              "checkpoint.every=1", "model.num_hidden_layers=4"])
+                                              "checkpoint.every=1", "model.num_hidden_layers=4", "data.batch_size=8"])
     assert cfg.model.layer_types == ["linear_attention", "full_attention"] * 2 and cfg.model.mtp_num_hidden_layers
     loop.train(cfg)
     return os.path.join(out, cfg.train.name), cfg
