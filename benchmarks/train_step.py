@@ -1,11 +1,17 @@
-"""One training step end to end on one GPU at the bench shape of ANCHORS.md (`bench-1p3b`, 16K tokens a step).
+"""One training step end to end, as a user runs it: `configs/bench-1p3b.yaml` (the bench shape of ANCHORS.md) through
+the trainer's own `setup()` (mesh, model, optimizer, the ahead-of-time compiled step), timed on rows of
+- `packed`: synthetic tokens, several documents a row (lengths drawn around T/8, positions restarting in each);
+- `single`: synthetic tokens, one document a row;
+- `pipeline`: the trainer's own data pipeline (the built-in corpus, byte-level, packed).
 
-Times the trainer's own step function (train.loop.make_train_step: forward, MTP, chunked fp32 cross entropy,
-router loss, backward, AdamW with clipping; fp32 master weights, bf16 compute) on synthetic tokens, one document
-per row, for each variant given, and writes $OUT/train_step.json (OUT defaults to /tmp). Run the anchor trainer
+Each (shape, rows) runs in a process of its own, so that its peak memory is its own (`peak_bytes_in_use`
+accumulates within a process). Writes $OUT/train_step.json (OUT defaults to /tmp). Run the anchor trainer
 (jax-linear-attention's, `gpu_anchors.py jlatrain`) in the same device call so the ratio is measured at one time:
 
-    python benchmarks/train_step.py --shapes 8x2048,2x8192 --variants xla,cudnn --remat dots
+    python benchmarks/train_step.py --shapes 8x2048,2x8192 --rows packed,single [section.field=value ...]
+
+Compilation happens in setup(); its time is reported as `setup_s` (compiling the bench-1p3b step on an H200 takes
+minutes: give the command room).
 """
 
 from __future__ import annotations
@@ -14,87 +20,95 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
-import traceback
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from flax import nnx
-
-from qwen3next_jax import Qwen3NextForCausalLM
-from qwen3next_jax import sharding as shd
-from qwen3next_train.config import load_config
-from qwen3next_train.loop import make_train_step
-from qwen3next_train.metrics import flops_per_token, peak_flops
-from qwen3next_train.optim import make_optimizer, schedule
-from qwen3next_train.state import TrainState
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench_one(preset: str, B: int, T: int, attention_impl: str, remat: str, gdn_impl: str, steps: int,
-              moe_impl: str = "auto") -> dict:
-    cfg = load_config(None, [f"model.preset={preset}", f"data.seq_len={T}", f"data.batch_size={B}",
-                             f"execution.remat={remat}", f"execution.gdn={gdn_impl}",
-                             f"execution.attention={attention_impl}", f"execution.moe={moe_impl}"])
-    mesh = shd.make_mesh(data=-1)
-    model = shd.create_sharded(lambda: Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0), execution=cfg.execution),
-                               mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    tx = make_optimizer(cfg.optim, 1000)
-    state = TrainState(params=params, opt_state=jax.jit(tx.init)(params), step=jnp.zeros((), jnp.int32),
-                       rng=jax.random.key_data(jax.random.key(0)))
-    step = jax.jit(make_train_step(graphdef, rest, tx, cfg, schedule(cfg.optim, 1000)), donate_argnums=(0,))
-    rng = np.random.default_rng(0)
-    batch = dict(input_ids=jnp.asarray(rng.integers(0, cfg.model.vocab_size, (B, T)), jnp.int32),
-                 segment_ids=jnp.ones((B, T), jnp.int32),
-                 positions=jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)))
+def bench_one(B: int, T: int, rows: str, steps: int, overrides: list[str]) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qwen3next_train.config import load_config
+    from qwen3next_train.loop import setup
+    from qwen3next_train.metrics import flops_per_token, peak_flops
+
+    out_dir = tempfile.mkdtemp(prefix="train_step_")
+    cfg = load_config(os.path.join(ROOT, "configs", "bench-1p3b.yaml"), [
+        f"data.seq_len={T}", f"data.batch_size={B}", "data.num_workers=0", f"train.out_dir={out_dir}",
+        "train.steps=1000", "train.eval_every=0", "checkpoint.every=0", "train.progress=false", *overrides])
     t0 = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    losses = [float(metrics["loss"])]  # every step's loss: a NaN is told apart from a later divergence
-    for _ in range(2):
-        state, metrics = step(state, batch)
-        losses.append(float(metrics["loss"]))
-    times = []
-    for _ in range(steps):
+    run = setup(cfg)
+    setup_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+
+    def synthetic(doc_len):
+        ids = rng.integers(0, cfg.model.vocab_size, (B, T)).astype(np.int32)
+        if doc_len is None:
+            return dict(input_ids=ids, segment_ids=np.ones((B, T), np.int32),
+                        positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+        starts = rng.random((B, T)) < 1 / doc_len
+        starts[:, 0] = True
+        seg = np.cumsum(starts, axis=1).astype(np.int32)
+        start_pos = np.maximum.accumulate(np.where(starts, np.arange(T), 0), axis=1)
+        return dict(input_ids=ids, segment_ids=seg, positions=(np.arange(T) - start_pos).astype(np.int32))
+
+    # Fetched or made before timing: the step is timed, not the pipeline.
+    make = {"pipeline": lambda: next(run.train_iter), "single": lambda: synthetic(None),
+            "packed": lambda: synthetic(max(T // 8, 2))}[rows]
+    host = [make() for _ in range(steps + 3)]
+    batches = [{k: jax.device_put(v, run.batch_sharding) for k, v in b.items()} for b in host]
+    docs_per_row = float(np.mean([len(np.unique(r[r > 0])) for r in host[0]["segment_ids"]]))
+    state, losses, times = run.state, [], []
+    for i, batch in enumerate(batches):
         t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(metrics["loss"]))
+        state, metrics = run.step_fn(state, batch)
+        losses.append(float(metrics["loss"]))  # waits for the step; every loss kept, so a NaN shows where
+        if i >= 3:  # after warm-up
+            times.append(time.perf_counter() - t0)
+    run.train_iter.close()
+    run.ckpt.close()
     dt = statistics.median(times)
-    tps = B * T / dt
+    tps = B * T / dt / jax.device_count()
     peak = peak_flops(jax.devices()[0])
     stats = jax.devices()[0].memory_stats() or {}
-    return dict(step_ms=dt * 1e3, tok_s=tps, compile_s=compile_s, losses=losses,
+    return dict(step_ms=dt * 1e3, tokens_per_s_per_device=tps, setup_s=setup_s, losses=losses,
+                documents_per_row=docs_per_row, device=jax.devices()[0].device_kind, devices=jax.device_count(),
                 mfu=flops_per_token(cfg.model, T)["total"] * tps / peak if peak else None,
-                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
+                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30, execution=cfg.to_dict()["execution"])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="bench-1p3b")
     ap.add_argument("--shapes", default="8x2048,2x8192")
-    ap.add_argument("--variants", default="xla,cudnn", help="attention implementations: xla, cudnn")
-    ap.add_argument("--remat", default="dots")
-    ap.add_argument("--gdn-impl", default="auto")
-    ap.add_argument("--moe-impl", default="auto")
+    ap.add_argument("--rows", default="packed,single", help="packed, single, pipeline (module docstring)")
     ap.add_argument("--steps", type=int, default=10)
-    args = ap.parse_args()
-    out = os.path.join(os.environ.get("OUT", "/tmp"), "train_step.json")
-    results = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "args": vars(args)}
-    for shape in args.shapes.split(","):
+    ap.add_argument("--timeout", type=int, default=1200, help="seconds for each (shape, rows) process")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # BxT:rows, run in this process
+    ap.add_argument("overrides", nargs="*", metavar="section.field=value")
+    a = ap.parse_args()
+    if a.one:
+        shape, rows = a.one.split(":")
         B, T = map(int, shape.split("x"))
-        for variant in args.variants.split(","):
-            key = f"B{B}_T{T}_{variant}_moe-{args.moe_impl}_remat-{args.remat}"
+        print("RESULT " + json.dumps(bench_one(B, T, rows, a.steps, a.overrides)), flush=True)
+        return
+    out = os.path.join(os.environ.get("OUT", "/tmp"), "train_step.json")
+    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
+    for shape in a.shapes.split(","):
+        for rows in a.rows.split(","):
+            key = f"{shape}_{rows}"
             try:
-                results[key] = bench_one(args.preset, B, T, variant, args.remat, args.gdn_impl,
-                                         args.steps, args.moe_impl)
-            except Exception as e:  # record and go on to the next variant
-                traceback.print_exc()
-                results[key] = {"error": repr(e)[:600]}
-            print(key, results[key], flush=True)
+                done = subprocess.run([sys.executable, __file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps),
+                                       *a.overrides], capture_output=True, text=True, timeout=a.timeout)
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+                results[key] = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-2000:]}
+            except subprocess.TimeoutExpired as e:
+                results[key] = {"error": f"timed out after {a.timeout} s", "stderr": str(e.stderr)[-1000:]}
+            print(key, json.dumps(results[key])[:600], flush=True)
             with open(out, "w") as f:
                 json.dump(results, f, indent=1)
 
