@@ -30,7 +30,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def bench_one(B: int, T: int, rows: str, steps: int, overrides: list[str]) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from qwen3next_train.config import load_config
