@@ -121,6 +121,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
         Impl("xla", f"{_K}.conv.reference:reference_split_conv"))),
     Family("attention", (
         Impl("cudnn", f"{_K}.attention.cudnn:attention"),
+        Impl("splash", f"{_K}.attention.splash:attention"),
         Impl("xla", f"{_K}.attention.reference:attention"))),
     Family("moe", (
         Impl("ragged_dot", f"{_K}.moe.reference:expert_mlp"),
