@@ -44,7 +44,7 @@ def make_mesh(devices=None, *, slices: int = 1, **axis_sizes: int) -> Mesh:
 
     Devices are placed by jax's mesh_utils: along the physical interconnect on TPUs (so an axis's neighbours are
     ICI neighbours), by device id on GPUs, in the given order elsewhere. `slices` > 1 splits the devices into that
-    many granules joined by the data-centre network (TPU slices, or processes where devices have no slice) and
+    many granules joined by the data-centre network (TPU slices, or processes where all devices are in one slice) and
     lays the data axis across them outermost: each granule holds data / slices of it and every other axis whole.
     """
     unknown = set(axis_sizes) - set(MESH_AXES)
@@ -66,7 +66,8 @@ def make_mesh(devices=None, *, slices: int = 1, **axis_sizes: int) -> Mesh:
     if sizes[data] % slices:
         raise ValueError(f"the data axis ({sizes[data]} devices) must be a multiple of slices ({slices}): it is the "
                          "axis split across them")
-    granule = "slice_index" if hasattr(devices[0], "slice_index") else "process_index"
+    multislice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    granule = "slice_index" if multislice else "process_index"
     found = len({getattr(d, granule) for d in devices})
     if found != slices:
         raise ValueError(f"slices is {slices} but the devices form {found} granule(s) by {granule}")

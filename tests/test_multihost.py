@@ -3,10 +3,13 @@ jax.distributed.initialize through a coordinator on a free port) train the smoke
 devices does, survive a SIGKILL and a SIGTERM sent to one of them, and hand the run to a single process.
 
 The story of one run, each part resuming the part before:
-1. two processes train with slowed steps and are SIGKILLed once a checkpoint is complete;
-2. two processes resume from it; process 1 alone gets SIGTERM: both save the same step and exit 75;
+1. two processes, started as SLURM's srun starts them (JAX detects the cluster from srun's variables), train with
+   slowed steps and are SIGKILLed once a checkpoint is complete;
+2. two processes, given coordinator, count and id explicitly, resume from it; process 1 alone gets SIGTERM: both
+   save the same step and exit 75;
 3. one process with 8 devices resumes that two-process checkpoint (model, optimizer and data position) and finishes.
-Its metrics.jsonl (every loss, grad norm, learning rate and validation loss) must equal the uninterrupted run of one
+The two-process parts build the hybrid mesh (mesh.slices=2: each process a granule of the data axis). Its
+metrics.jsonl (every loss, grad norm, learning rate and validation loss) must equal the uninterrupted run of one
 process with 8 devices. Only process 0 writes metrics, TensorBoard and config.yaml, and logs the kernels and the
 compile report.
 """
@@ -54,19 +57,27 @@ def _env(cache, devices):
             "JAX_COMPILATION_CACHE_DIR": cache, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
 
-def _start(out, name, processes, cache, slow=False):
-    """Starts the run's processes (stdout and stderr to out/<name>.<i>.log); returns them with their logs."""
+def _start(out, name, processes, cache, slow=False, slurm=False):
+    """Starts the run's processes (stdout and stderr to out/<name>.<i>.log); returns them with their logs. Several
+    processes find each other through explicit distributed.* values, or (slurm) through the variables srun sets,
+    which JAX's cluster detection reads (JAX_COORDINATOR_PORT picks a free port instead of the job id's)."""
     port = _free_port()
     procs = []
     for i in range(processes):
         args = RUN + [f"train.out_dir={out}", "train.name=run"]
+        env = _env(cache, 8 // processes)
         if processes > 1:
+            args += [f"mesh.slices={processes}"]  # the hybrid mesh: the data axis across processes
+        if processes > 1 and slurm:
+            args += ["distributed.initialize=always"]
+            env.update(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="localhost", SLURM_NTASKS=str(processes),
+                       SLURM_PROCID=str(i), SLURM_LOCALID=str(i), JAX_COORDINATOR_PORT=str(port))
+        elif processes > 1:
             args += [f"distributed.coordinator_address=127.0.0.1:{port}", f"distributed.num_processes={processes}",
                      f"distributed.process_id={i}"]
         cmd = [sys.executable, "-c", SLOW_STEPS, *args] if slow else [sys.executable, "-m", "qwen3next_train", *args]
         log = out / f"{name}.{i}.log"
-        procs.append((subprocess.Popen(cmd, cwd=REPO, env=_env(cache, 8 // processes),
-                                       stdout=open(log, "w"), stderr=subprocess.STDOUT), log))
+        procs.append((subprocess.Popen(cmd, cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT), log))
     return procs
 
 
@@ -103,13 +114,14 @@ def test_two_processes_kill_preempt_and_resume_on_one(reference, tmp_path, cache
     run_dir = tmp_path / "run"
 
     # 1. Two processes, SIGKILLed once a checkpoint is complete.
-    procs = _start(tmp_path, "killed", 2, cache, slow=True)
+    procs = _start(tmp_path, "killed", 2, cache, slow=True, slurm=True)
     deadline = time.time() + 300
     while time.time() < deadline and all(p.poll() is None for p, _ in procs):
         if os.path.isdir(run_dir / "checkpoints") and _steps(run_dir):
             break
         time.sleep(0.05)
     assert all(p.poll() is None for p, _ in procs), "\n".join(log.read_text()[-2000:] for _, log in procs)
+    assert "process 1 of 2 (detected SlurmCluster)" in procs[1][1].read_text()
     for p, _ in procs:
         os.kill(p.pid, signal.SIGKILL)
     _wait(procs)
