@@ -18,6 +18,7 @@ from qwen3next_jax.hf import load_hf_checkpoint
 from qwen3next_jax.hf.files import CheckpointError
 from qwen3next_jax.hf.safetensors import SafetensorsReader
 from qwen3next_jax.hf.tokenizer import byte_tokenizer
+from qwen3next_jax.orbax_io import load_orbax_params, save_orbax_params
 from qwen3next_train import loop
 from qwen3next_train.config import load_config
 
@@ -92,7 +93,8 @@ def test_a_run_in_a_bucket_trains_and_resumes_like_a_local_one(bucket, tmp_path,
     assert _records(run_dir) == want
 
 
-def test_a_hugging_face_checkpoint_in_a_bucket_loads_as_a_local_one(bucket, tmp_path):
+def test_checkpoints_to_start_from_load_from_a_bucket_as_from_a_local_folder(bucket, tmp_path):
+    """checkpoint.init_from_hf (safetensors) and checkpoint.init_from_params (an Orbax params checkpoint)."""
     shutil.copytree(GOLDEN, tmp_path / "bucket" / "b" / "hf")
     local, remote = SafetensorsReader(GOLDEN), SafetensorsReader("gs://b/hf")  # a memory map / byte ranges
     assert remote.names() == local.names() and remote.shape == local.shape and remote.dtype == local.dtype
@@ -101,6 +103,13 @@ def test_a_hugging_face_checkpoint_in_a_bucket_loads_as_a_local_one(bucket, tmp_
     a, b = (nnx.state(load_hf_checkpoint(p), nnx.Param) for p in (GOLDEN, "gs://b/hf"))
     jax.tree.map(np.testing.assert_array_equal, a, b)
     cfg = load_config(f"{REPO}/configs/smoke.yaml", ["checkpoint.init_from_hf=gs://b/hf"])
+    assert loop.model_config(cfg) == load_hf_checkpoint(GOLDEN).config
+
+    save_orbax_params(load_hf_checkpoint(GOLDEN), tmp_path / "params")
+    shutil.copytree(tmp_path / "params", tmp_path / "bucket" / "b" / "params")
+    a, b = (nnx.state(load_orbax_params(p), nnx.Param) for p in (tmp_path / "params", "gs://b/params"))
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    cfg = load_config(f"{REPO}/configs/smoke.yaml", ["checkpoint.init_from_params=gs://b/params"])
     assert loop.model_config(cfg) == load_hf_checkpoint(GOLDEN).config
 
     # A truncated file in the bucket is named, as a local one is.
