@@ -35,7 +35,8 @@ class FakeBucket(epath_backend._OsPathBackend):  # epath's local backend, behind
 
     def open(self, path, mode):
         if "a" in mode or "+" in mode:
-            raise NotImplementedError(f"{path}: a Cloud Storage object cannot be appended to or updated (mode {mode!r})")
+            raise NotImplementedError(f"{path}: a Cloud Storage object cannot be appended to or updated "
+                                      f"(mode {mode!r})")
         if "w" in mode:  # a bucket has no directories to make first
             os.makedirs(os.path.dirname(self.local(path)), exist_ok=True)
         return super().open(self.local(path), mode)

@@ -143,6 +143,7 @@ def test_two_processes_kill_preempt_and_resume_on_one(reference, tmp_path, cache
     for log in logs:
         assert f"resumed from step {killed_at}" in log
         assert f"SIGTERM: stopping after step {stopped}" in log
+    assert "[process 1/2]" in logs[1]  # every log line names its process
     # Only process 0 logs the kernels and the compile report, and draws the progress bar.
     for marker in ("kernels per call site", "train step compiled", f"/{STEPS} ["):
         assert marker in logs[0] and marker not in logs[1], marker

@@ -91,7 +91,8 @@ def make_tokenizer(spec: str, eos_id: int | list[int] | None):
     path = epath.Path(spec)
     path = path / "tokenizer.json" if path.is_dir() else path
     if not path.exists():
-        raise ConfigError(f"data.tokenizer: {str(path)!r} does not exist (give 'bytes' or the path of a tokenizer.json)")
+        raise ConfigError(f"data.tokenizer: {os.fspath(path)!r} does not exist (give 'bytes' or the path of a "
+                          "tokenizer.json)")
     try:
         return HFTokenizer(path, eos_id)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a malformed file
