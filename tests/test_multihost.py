@@ -173,3 +173,25 @@ def test_two_processes_kill_preempt_and_resume_on_one(reference, tmp_path, cache
 
     versions = [yaml.safe_load(open(p)) for p in glob.glob(str(run_dir / "config*.yaml"))]
     assert len(versions) == 3 and {v["distributed"]["process_id"] for v in versions} == {0, None}
+
+
+def test_multislice_mesh_puts_each_slice_on_its_share_of_the_data_axis():
+    """Two TPU v5p slices of 4 chips (ahead-of-time devices: libtpu, no TPU): mesh.slices=2 gives each slice one row
+    of the data axis and the whole fsdp axis; inside a slice the chips follow the physical torus, not their ids."""
+    pytest.importorskip("libtpu")
+    import numpy as np
+    from jax.experimental import topologies
+
+    from qwen3next_jax.sharding import make_mesh
+
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    devices = topologies.get_topology_desc("v5p:2x2x1", "tpu", num_slices=2).devices
+    mesh = make_mesh(devices, data=2, fsdp=-1, slices=2)
+    assert mesh.shape["data"] == 2 and mesh.shape["fsdp"] == 4
+    grid = mesh.devices.reshape(2, 4)
+    assert [{d.slice_index for d in row} for row in grid] == [{0}, {1}]
+    torus = [tuple(d.coords) for d in make_mesh(devices[:4], fsdp=4).devices.flat]
+    assert torus == [(0, 0, 0), (0, 1, 0), (1, 0, 0), (1, 1, 0)]  # by ids it would be (0,0), (1,0), (0,1), (1,1)
+    with pytest.raises(ValueError, match="must be a multiple of slices"):
+        make_mesh(devices, data=1, fsdp=-1, slices=2)
+

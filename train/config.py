@@ -94,8 +94,8 @@ class MeshConfig:
     tensor: int = 1
     context: int = 1
     # Granules joined by the data-centre network (DCN): TPU slices of a multi-slice run, else (GPU, CPU hosts)
-    # processes. The data axis is split across them outermost (data / slices ways per granule);
-    # every other axis stays inside one granule, on the fast interconnect.
+    # processes. The data axis is split across them outermost (data / slices of it in each granule); every other
+    # axis stays inside one granule, on the fast interconnect.
     slices: int = 1
 
 
