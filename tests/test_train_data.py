@@ -115,7 +115,8 @@ def test_globs_match_as_the_standard_library_does(tmp_path, monkeypatch):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(name)
     monkeypatch.chdir(tmp_path)
-    for pattern in ["*.txt", "**/*.txt", "a/**", "*/b/*", "a/*/*.md", ".h/*", str(tmp_path / "**" / "*.txt")]:
+    for pattern in ["*.txt", "**/*.txt", "a/**", "*/b/*", "a/*/*.md", ".h/*", "?.txt", "[ax]/?.t[x]t",
+                    str(tmp_path / "**" / "*.txt")]:
         want = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
         assert expand_sources([pattern]) == want, pattern
     assert expand_sources(["a"]) == sorted(p for p in glob.glob("a/**/*", recursive=True) if os.path.isfile(p))
