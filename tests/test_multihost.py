@@ -9,9 +9,10 @@ The story of one run, each part resuming the part before:
    save the same step and exit 75;
 3. one process with 8 devices resumes that two-process checkpoint (model, optimizer and data position) and finishes.
 The two-process parts build the hybrid mesh (mesh.slices=2: each process a granule of the data axis). Its
-metrics.jsonl (every loss, grad norm, learning rate and validation loss) must equal the uninterrupted run of one
-process with 8 devices. Only process 0 writes metrics, TensorBoard and config.yaml, and logs the kernels and the
-compile report.
+metrics.jsonl must match the uninterrupted run of one process with 8 devices: grad norms, learning rates and every
+step after the hand-over bit for bit, the reported losses (summed over the devices of two processes in another
+order) within fp32 rounding. Only process 0 writes metrics, TensorBoard and config.yaml, and logs the kernels and
+the compile report.
 """
 import glob
 import json
