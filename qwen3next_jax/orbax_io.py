@@ -88,8 +88,8 @@ def load_orbax_params(directory: str | os.PathLike, dtype=None, mesh=None, execu
     stored dtype. execution: how the model runs (default: computing in the parameters' dominant dtype).
     Raises CheckpointMismatchError naming every array that is missing, unexpected, mis-shaped or not a float.
     """
-    directory = os.path.abspath(os.fspath(directory))
-    if not os.path.isdir(os.path.join(directory, PARAMS_DIR)):
+    directory = _absolute(directory)
+    if not epath.Path(directory, PARAMS_DIR).is_dir():
         raise FileNotFoundError(f"{directory}: no {PARAMS_DIR}/ (not a params checkpoint)")
     cfg = read_hf_config(directory)
     arrays = ParamArrays(os.path.join(directory, PARAMS_DIR))
@@ -113,6 +113,12 @@ def load_orbax_params(directory: str | os.PathLike, dtype=None, mesh=None, execu
     return model
 
 
+def _absolute(path: str | os.PathLike) -> str:
+    """An absolute path (Orbax's requirement) for a local one; a URI (gs://bucket/...) as it is."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _abstract_leaves(state: nnx.State) -> dict[tuple, jax.ShapeDtypeStruct]:
     return {path: v.get_value() for path, v in nnx.to_flat_state(state)}
 
@@ -125,7 +131,7 @@ class ParamArrays:
     in spec.dtype (qwen3next_jax.hf.save.SliceSource)."""
 
     def __init__(self, directory: str | os.PathLike, subtree: tuple[str, ...] = ()):
-        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
+        self.directory = epath.Path(_absolute(directory))
         try:
             meta = ocp.StandardCheckpointHandler().metadata(self.directory)
         except (FileNotFoundError, ValueError) as e:

@@ -13,6 +13,7 @@ import functools
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
@@ -38,22 +39,43 @@ RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def make_mesh(devices=None, **axis_sizes: int) -> Mesh:
-    """A mesh over MESH_AXES; unnamed axes have size 1 and one axis may be -1 (all remaining devices)."""
+def make_mesh(devices=None, *, slices: int = 1, **axis_sizes: int) -> Mesh:
+    """A mesh over MESH_AXES; unnamed axes have size 1 and one axis may be -1 (all remaining devices).
+
+    Devices are placed by jax's mesh_utils: along the physical interconnect on TPUs (so an axis's neighbours are
+    ICI neighbours), by device id on GPUs, in the given order elsewhere. `slices` > 1 splits the devices into that
+    many granules joined by the data-centre network (TPU slices, or processes where all devices are in one slice) and
+    lays the data axis across them outermost: each granule holds data / slices of it and every other axis whole.
+    """
     unknown = set(axis_sizes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; the mesh axes are {MESH_AXES}")
-    devices = np.asarray(jax.devices() if devices is None else devices)
+    devices = list(np.asarray(jax.devices() if devices is None else devices).flat)
     sizes = [axis_sizes.get(a, 1) for a in MESH_AXES]
     if sizes.count(-1) > 1:
         raise ValueError("at most one mesh axis may be -1")
     known = int(np.prod([s for s in sizes if s != -1]))
     if -1 in sizes:
-        sizes[sizes.index(-1)] = devices.size // known
-    if int(np.prod(sizes)) != devices.size:
+        sizes[sizes.index(-1)] = len(devices) // known
+    if int(np.prod(sizes)) != len(devices):
         raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                         f"have {devices.size}")
-    return Mesh(devices.reshape(sizes), MESH_AXES)
+                         f"have {len(devices)}")
+    if slices == 1:
+        return Mesh(mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True), MESH_AXES)
+    data = MESH_AXES.index("data")
+    if sizes[data] % slices:
+        raise ValueError(f"the data axis ({sizes[data]} devices) must be a multiple of slices ({slices}): it is the "
+                         "axis split across them")
+    multislice = len({getattr(d, "slice_index", 0) for d in devices}) > 1
+    granule = "slice_index" if multislice else "process_index"
+    found = len({getattr(d, granule) for d in devices})
+    if found != slices:
+        raise ValueError(f"slices is {slices} but the devices form {found} granule(s) by {granule}")
+    per_granule = [s // slices if i == data else s for i, s in enumerate(sizes)]
+    across = [slices if i == data else 1 for i in range(len(sizes))]
+    grid = mesh_utils.create_hybrid_device_mesh(per_granule, across, devices, allow_split_physical_axes=True,
+                                                process_is_granule=granule == "process_index")
+    return Mesh(grid, MESH_AXES)
 
 
 def logical_to_spec(axes, shape, mesh: Mesh, rules=RULES) -> P:

@@ -58,6 +58,16 @@ CASES = {
     "corrupt tokenizer": (["data.tokenizer={tmp}/tokenizer.json"],
                           "data.tokenizer: {tmp}/tokenizer.json is not a readable tokenizer.json"),
     "gin import": (["--gin", "{tmp}/import.gin"], "{tmp}/import.gin, line 2: `import os`: gin imports run code"),
+    "slices the devices do not form": (["mesh.slices=2"], "mesh: slices is 2 but the devices form 1 granule(s) by "
+                                       "process_index"),
+    "process beyond the processes": (["distributed.num_processes=2", "distributed.process_id=2"],
+                                     "distributed.process_id 2 must be below distributed.num_processes 2"),
+    "zero processes": (["distributed.num_processes=0"], "distributed.num_processes must be at least 1, got 0"),
+    "coordinator without a port": (["distributed.coordinator_address=node0"],
+                                   "distributed.coordinator_address must be host:port (a port 1-65535), got 'node0'"),
+    "one process, yet told the others": (["distributed.initialize=never", "distributed.process_id=1"],
+                                         "distributed.initialize is 'never' (one process) but distributed.process_id "
+                                         "is set"),
 }
 
 
@@ -84,6 +94,20 @@ def test_bad_input_is_named_before_any_compute(case, inputs, no_model, capsys):
     assert err.startswith("qwen3next-train: config error: ") and fill(message) in err, err
     assert "Traceback" not in err
     assert not os.path.exists(inputs / "runs" / "smoke" / "config.yaml")
+
+
+def test_always_distributed_without_a_cluster_is_named(tmp_path):
+    """distributed.initialize=always where JAX detects no cluster and nothing is given (a fresh process: JAX's
+    distributed system starts only before its backend)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "qwen3next_train", "--config", "configs/smoke.yaml",
+                           f"train.out_dir={tmp_path}", "distributed.initialize=always"],
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "config error: distributed: coordinator_address should be defined" in done.stderr
+    assert "Set the missing distributed.* fields" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_null_texts_are_counted_and_skipped(tmp_path, caplog):

@@ -63,8 +63,10 @@ def test_cli_reports_config_errors(capsys):
 
 
 def test_shipped_configs_load():
-    for name in ("tiny", "smoke", "bench-1p3b", "qwen3-next-80b-a3b"):
+    for name in ("tiny", "smoke", "bench-1p3b", "qwen3-next-80b-a3b", "tpu-pod", "slurm-gpu"):
         load_config(f"configs/{name}.yaml")
+    for name in ("tpu-pod", "slurm-gpu"):  # a launch config: a host that finds no cluster must not train alone
+        assert load_config(f"configs/{name}.yaml").distributed.initialize == "always"
     load_config(None, [], ["configs/tiny.gin"])
 
 

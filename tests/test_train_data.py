@@ -1,4 +1,4 @@
-"""The grain pipeline: every file format, tokenizers, packing metadata, per-host shards, iterator state round trip."""
+"""The grain pipeline: every file format, globs, tokenizers, packing metadata, iterator state round trip."""
 import json
 import re
 
@@ -72,19 +72,15 @@ def test_hf_tokenizer_json(tmp_path):
     np.testing.assert_array_equal(hf.encode("a b zz a"), [1, 2, 0, 1])
 
 
-def test_split_and_host_shards_are_disjoint(corpus):
+def test_split_is_disjoint_and_the_stream_holds_every_training_document(corpus):
     cfg = DataConfig(sources=[corpus["jsonl"]], val_fraction=0.1)
     train, val = split_documents(cfg)
     assert len(val) == 4 and len(train) == 36
     assert not {train[i] for i in range(len(train))} & {val[i] for i in range(len(val))}
-    seen = []
-    for host in range(2):
-        ds = packed_batches(train, ByteTokenizer(), seq_len=4096, batch_size=1, seed=None, process_index=host,
-                            process_count=2)
-        row = next(iter(ds))["input_ids"][0]  # one row longer than the whole shard: every document in it
-        seen.append(set(re.findall(r"document number (\d+)", bytes(row[row < 256].astype(np.uint8)).decode())))
-    assert seen[0] and seen[1] and not seen[0] & seen[1]
-    assert len(seen[0] | seen[1]) == len(train)
+    ds = packed_batches(train, ByteTokenizer(), seq_len=4096, batch_size=1, seed=None)
+    row = next(iter(ds))["input_ids"][0]  # longer than all training documents: every one in it
+    seen = re.findall(r"document number (\d+)", bytes(row[row < 256].astype(np.uint8)).decode())
+    assert set(seen) == {re.search(r"document number (\d+)", train[i]).group(1) for i in range(len(train))}
 
 
 @pytest.mark.parametrize("num_workers, window", [(0, 0), (0, 8), (0, 100), (1, 8)])
@@ -105,3 +101,22 @@ def test_iterator_state_round_trip(corpus, num_workers, window):
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
     again.close()
+
+
+def test_globs_match_as_the_standard_library_does(tmp_path, monkeypatch):
+    """Sources are listed through epath (a bucket has no glob module); the result is glob.glob's, hidden names and
+    recursive ** included."""
+    import glob
+    import os
+
+    from qwen3next_train.data import expand_sources
+
+    for name in ["x.txt", "a/y.txt", "a/b/z.txt", "a/b/z.md", ".h/w.txt", "a/.q.txt", "a/.d/v.txt"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    monkeypatch.chdir(tmp_path)
+    for pattern in ["*.txt", "**/*.txt", "a/**", "*/b/*", "a/*/*.md", ".h/*", "?.txt", "[ax]/?.t[x]t",
+                    str(tmp_path / "**" / "*.txt")]:
+        want = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+        assert expand_sources([pattern]) == want, pattern
+    assert expand_sources(["a"]) == sorted(p for p in glob.glob("a/**/*", recursive=True) if os.path.isfile(p))

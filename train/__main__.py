@@ -1,6 +1,9 @@
 """`qwen3next-train --config configs/tiny.yaml [--gin file.gin ...] [section.field=value ...]`
 (or `python -m qwen3next_train ...`).
 
+Several processes (a TPU pod slice, a SLURM job): the same command on every host; see docs/launch.md and the
+`distributed` config section.
+
 Exit status: 0 the run reached train.steps; 2 a config error (bad key or value, file, data, tokenizer, mesh, or a
 resume refused), reported in one `config error:` line before anything is computed; 1 the run stopped (too many
 non-finite steps in a row, or a checkpoint that failed to save); 75 (EX_TEMPFAIL) stopped by SIGTERM after saving
@@ -50,15 +53,24 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         fail(EXIT_CONFIG, "config error: ", e)
     import jax
+    from etils import epath
 
     from qwen3next_jax.platforms import skip_absent_tpu
+    from qwen3next_train import distributed
     from qwen3next_train.checkpoint import CheckpointSaveError
     from qwen3next_train.loop import NonFiniteError, loop, setup  # after the config is known good: JAX takes a while
 
     skip_absent_tpu()
+    try:
+        if distributed.initialize(cfg.distributed):  # before anything starts a backend
+            logging.getLogger().handlers[0].setFormatter(logging.Formatter(
+                f"%(asctime)s %(levelname)s [process {jax.process_index()}/{jax.process_count()}] %(name)s: "
+                "%(message)s"))
+    except ConfigError as e:
+        fail(EXIT_CONFIG, "config error: ", e)
 
     if not jax.config.jax_compilation_cache_dir:  # a resumed run loads the step it compiled before
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cfg.train.out_dir, ".jax_cache"))
+        jax.config.update("jax_compilation_cache_dir", os.fspath(epath.Path(cfg.train.out_dir) / ".jax_cache"))
     try:
         run = setup(cfg)
     except ConfigError as e:

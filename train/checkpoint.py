@@ -18,23 +18,32 @@ Resuming never loses a checkpoint. Newest first, each one is
 3. restored: the state first, then the data position into a fresh iterator, so a failure leaves the caller's
    iterator untouched (both or neither). State arrays that fail to read make the checkpoint damaged as in 1.
 Restoring against abstract arrays carrying shardings places each array on the current mesh, whatever mesh wrote it.
+
+Several processes: every process calls save and restore alike. Orbax writes each array's shards from the process
+that holds them and process 0 writes the metadata, with barriers through JAX's coordination service; the directory
+must be one that every host reaches (a bucket, or a shared filesystem). grain's handler writes each process's
+iterator state as `data/process_<i>-of-<n>.json`; every process's state is the same (the data stream is global,
+train/data.py), so a run on another number of processes restores process 0's (`_DataHandler`).
+
+Paths are etils.epath paths: the directory may be a bucket (gs://...), written through Orbax's tensorstore driver
+for it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import logging
-import os
 import sys
 from typing import Any, Callable
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+from qwen3next_train import rundir
 from qwen3next_train.config import CheckpointConfig, ConfigError, resume_changes
 
 log = logging.getLogger(__name__)
@@ -89,15 +98,43 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {first[:300]}"
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+    """grain's Orbax handler for the iterator state, which also restores on another number of processes: from this
+    process's own file when the checkpoint has one, else from process 0's (all of them hold the same state)."""
+
+    def restore(self, directory: epath.Path, item=None, args=None):
+        item = item or args.item
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        written = [own] if own.exists() else sorted(directory.glob("process_0-of-*.json"))
+        if not written:
+            raise ValueError(f"{directory} holds neither {own.name} nor any process_0-of-*.json")
+        item.set_state(json.loads(written[0].read_text()))
+        item.start_prefetch()
+        return item
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+    item: Any
+
+
 class Checkpoints:
-    def __init__(self, directory: str, cfg: CheckpointConfig):
-        self.directory = os.path.abspath(directory)
+    def __init__(self, directory: epath.PathLike, cfg: CheckpointConfig):
+        directory = epath.Path(directory)
+        self.directory = directory if rundir.is_remote(directory) else directory.resolve()  # Orbax: absolute
         self.enabled = cfg.every > 0
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.keep or None, enable_async_checkpointing=cfg.async_save, cleanup_tmp_directories=True,
             create=True)
         # Handlers named up front, so that a checkpoint's metadata is readable before anything is restored.
-        handlers = {"state": ocp.handlers.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+        handlers = {"state": ocp.handlers.StandardCheckpointHandler(), "data": _DataHandler(),
                     "config": ocp.handlers.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
         self._in_flight: int | None = None  # the step of the save started since the last wait()
@@ -105,15 +142,15 @@ class Checkpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def path(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+    def path(self, step: int) -> epath.Path:
+        return self.directory / str(step)
 
     def save(self, step: int, state: Any, data_iter, config: dict) -> None:
         """Starts an asynchronous save of step `step` (the loop decides when; see loop.py). The previous save is
         confirmed first (Orbax waits for it anyway), so a failed one stops the run before the next starts."""
         self.wait()
         self.manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter),
+            state=ocp.args.StandardSave(state), data=_DataSave(data_iter),
             config=ocp.args.JsonSave(config)))
         self._in_flight = step
 
@@ -126,7 +163,7 @@ class Checkpoints:
         except Exception as e:  # noqa: BLE001 - whatever the background write raised: reported below
             error = e
         step, self._in_flight = self._in_flight, None
-        missing = step is not None and not os.path.isdir(self.path(step))  # checked before `keep` may drop it
+        missing = step is not None and not self.path(step).is_dir()  # checked before `keep` may drop it
         if missing or error is not None:
             self.manager.reload()
             cause = f" ({_reason(error)})" if error is not None else " (see the error logged above)"
@@ -168,7 +205,7 @@ class Checkpoints:
                 continue
             data_iter = new_iterator()
             try:
-                self.manager.restore(step, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(data_iter)))
+                self.manager.restore(step, args=ocp.args.Composite(data=_DataRestore(data_iter)))
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 data_iter.close()
                 raise ConfigError(f"checkpoint step {step}: its data position does not fit this data pipeline "
@@ -181,12 +218,11 @@ class Checkpoints:
     def _read_data_files(self, step: int) -> None:
         """Each host's iterator state is a JSON file; an unreadable one is damage (raises), found before any
         restore. A readable one that does not fit the pipeline is a mismatch, found when it is restored."""
-        files = glob.glob(os.path.join(self.path(step), "data", "*.json"))
+        files = list((self.path(step) / "data").glob("*.json"))
         if not files:
             raise FileNotFoundError(f"{self.path(step)}/data holds no iterator state")
         for path in files:
-            with open(path) as f:
-                json.load(f)
+            json.loads(path.read_text())
 
     def _compare(self, step: int, stored: dict, config: dict, tree, abstract_state) -> list[str]:
         """Refuses (ConfigError) a checkpoint whose structure differs from this run's; returns a note for each
@@ -213,13 +249,13 @@ class Checkpoints:
 
     def _set_aside(self, step: int, error: BaseException) -> None:
         """Moves a damaged checkpoint to damaged/<step> (damaged/<step>.<n> when that exists already)."""
-        target = os.path.join(self.directory, DAMAGED, str(step))
+        target = self.directory / DAMAGED / str(step)
         n = 1
-        while os.path.exists(target):
-            target, n = os.path.join(self.directory, DAMAGED, f"{step}.{n}"), n + 1
+        while target.exists():
+            target, n = self.directory / DAMAGED / f"{step}.{n}", n + 1
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            os.rename(self.path(step), target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.path(step).rename(target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -86,12 +86,33 @@ class CheckpointConfig:
 
 @dataclasses.dataclass
 class MeshConfig:
-    # Device counts per mesh axis; -1 on one axis takes all remaining devices.
+    # Device counts per mesh axis (of all processes' devices); -1 on one axis takes all remaining devices. Devices
+    # are placed by jax's mesh_utils along the chips' interconnect (qwen3next_jax.sharding.make_mesh).
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
     context: int = 1
+    # Granules joined by the data-centre network (DCN): TPU slices of a multi-slice run, else (GPU, CPU hosts)
+    # processes. The data axis is split across them outermost (data / slices of it in each granule); every other
+    # axis stays inside one granule, on the fast interconnect.
+    slices: int = 1
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    # Whether this is one of several processes (jax.distributed.initialize, before any device is used):
+    # "auto": the fields set below, the rest detected from the cluster (a Cloud TPU pod slice, SLURM, Open MPI);
+    #   one process when nothing is set and no cluster is detected.
+    # "always": as auto, but no cluster and no fields is an error (a pod job that must not train alone).
+    # "never": one process; the fields below must be unset.
+    initialize: Literal["auto", "always", "never"] = "auto"
+    # jax.distributed.initialize's own arguments; unset (null) ones are detected from the cluster.
+    coordinator_address: str | None = None  # host:port of process 0, which all processes reach
+    num_processes: int | None = None
+    process_id: int | None = None  # 0 .. num_processes - 1; process 0 writes the logs and the config
+    local_device_ids: list[int] | None = None  # the local devices this process drives (e.g. one GPU per process)
+    initialization_timeout: int = 300  # seconds to wait for every process to connect
 
 
 @dataclasses.dataclass
@@ -116,6 +137,7 @@ class TrainConfig:
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     train: RunConfig = dataclasses.field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -126,6 +148,8 @@ class TrainConfig:
 
 
 SECTIONS: dict[str, type] = typing.get_type_hints(TrainConfig)
+# DistributedConfig's fields that are jax.distributed.initialize's arguments, passed when set.
+DISTRIBUTED_ARGS = ("coordinator_address", "num_processes", "process_id", "local_device_ids")
 MODEL_PRESET_KEY = "preset"
 # Keys that moved, and where to: a config written for an older version gets the new name, not a bare "unknown".
 MOVED = {"train.compute_dtype": "execution.compute_dtype", "train.param_dtype": "execution.param_dtype",
@@ -160,6 +184,9 @@ ON_RESUME: dict[str, str] = {
     # Only a run that starts from nothing reads these; a resumed one has its weights.
     "checkpoint.init_from_hf": CHANGEABLE, "checkpoint.init_from_params": CHANGEABLE,
     "mesh": STRUCTURAL,
+    "mesh.slices": CHANGEABLE,  # where the devices sit, not what the arrays hold: they are restored onto any mesh
+    # How the processes find each other: a run may resume on another number of hosts (the data stream is global).
+    "distributed": CHANGEABLE,
     "train.name": CHANGEABLE, "train.out_dir": CHANGEABLE, "train.steps": CHANGEABLE,
     "train.seed": STRUCTURAL,  # the initial parameters and the step RNG the state carries
     "train.log_every": CHANGEABLE, "train.eval_every": CHANGEABLE, "train.eval_batches": CHANGEABLE,
@@ -173,7 +200,8 @@ AT_LEAST: dict[str, float] = {
     "optim.lr": 0, "optim.min_lr_ratio": 0, "optim.warmup_steps": 0, "optim.weight_decay": 0, "optim.eps": 0,
     "optim.clip_norm": 0, "optim.grad_accum_steps": 1, "optim.max_nonfinite_steps": 1,
     "loss.mtp_weight": 0, "loss.z_loss_coef": 0, "loss.chunk_tokens": 1,
-    "checkpoint.every": 0, "checkpoint.keep": 0,
+    "checkpoint.every": 0, "checkpoint.keep": 0, "mesh.slices": 1,
+    "distributed.num_processes": 1, "distributed.process_id": 0, "distributed.initialization_timeout": 1,
     "train.steps": 1, "train.log_every": 1, "train.eval_every": 0, "train.eval_batches": 1,
 }
 
@@ -302,18 +330,37 @@ def _check_values(cfg: TrainConfig) -> None:
     for key, low in AT_LEAST.items():
         section, _, field = key.partition(".")
         value = getattr(getattr(cfg, section), field)
-        if value < low:
+        if value is not None and value < low:
             raise ConfigError(f"{key} must be at least {low}, got {value}")
     if cfg.data.val_fraction >= 1:
         raise ConfigError(f"data.val_fraction must be below 1, got {cfg.data.val_fraction}")
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be a multiple of optim.grad_accum_steps "
                           f"{cfg.optim.grad_accum_steps}")
+    _check_distributed(cfg.distributed)
     if cfg.checkpoint.init_from_hf and cfg.checkpoint.init_from_params:
         raise ConfigError("checkpoint.init_from_hf and checkpoint.init_from_params are both set; choose one")
     if cfg.data.seq_len > cfg.model.max_position_embeddings:
         log.warning("data.seq_len %d is beyond model.max_position_embeddings %d: the model was not made for "
                     "positions that far", cfg.data.seq_len, cfg.model.max_position_embeddings)
+
+
+def _check_distributed(d: DistributedConfig) -> None:
+    given = [f"distributed.{k}" for k in DISTRIBUTED_ARGS if getattr(d, k) is not None]
+    if d.initialize == "never" and given:
+        raise ConfigError(f"distributed.initialize is 'never' (one process) but {', '.join(given)} "
+                          f"{'is' if len(given) == 1 else 'are'} set")
+    if d.num_processes is not None and d.process_id is not None and d.process_id >= d.num_processes:
+        raise ConfigError(f"distributed.process_id {d.process_id} must be below distributed.num_processes "
+                          f"{d.num_processes} (processes count from 0)")
+    if d.coordinator_address is not None:
+        host, _, port = d.coordinator_address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"distributed.coordinator_address must be host:port (a port 1-65535), got "
+                              f"{d.coordinator_address!r}")
+    ids = d.local_device_ids or []
+    if any(i < 0 for i in ids) or len(set(ids)) != len(ids):
+        raise ConfigError(f"distributed.local_device_ids must be distinct device numbers >= 0, got {ids}")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -1,8 +1,8 @@
-"""Training data on grain: documents from files, tokenised, shuffled, sharded per host, packed into rows.
+"""Training data on grain: documents from files, tokenised, shuffled, packed into rows, batched.
 
-The pipeline (per host):
+The pipeline (one global stream; every process runs the same one):
 
-    documents (random access)  -> every process_count-th document (per-host shard)
+    documents (random access)
     -> shuffle(seed)  -> `packing_streams` disjoint slices, each reshuffled every epoch, repeated forever,
        tokenised (+ end-of-document token) and packed by grain's ConcatThenSplit into rows of seq_len
     -> rows taken from the streams in turn, shuffled within a window  -> batch  -> worker processes (optional)
@@ -13,8 +13,20 @@ a document split across two rows continues in the next row as a new piece starti
 attention by segment and restarts the Gated DeltaNet state at each piece, so a packed row computes exactly what its
 pieces would compute run one by one (tests/test_train_packing.py).
 
+The stream does not depend on the number of processes. Each batch is the global batch [data.batch_size, seq_len];
+every process builds all of it and hands its own devices' rows to JAX (loop._global_batch), so one process with 8
+devices and two with 4 each train on the same rows in the same order (tests/test_multihost.py). The cost: every host
+reads, tokenises and packs the whole global batch, so the host work per token grows with the number of hosts (the
+packing itself is cheap; tokenisation is the part to watch: data.num_workers spreads it over worker processes).
+Because all processes hold the same iterator state, a checkpoint's data position restores on any number of
+processes (train/checkpoint.py).
+
 The iterator is a grain DatasetIterator: its state (a small dict) is saved with every checkpoint through grain's
 Orbax handler, and restoring it continues with the very next batch.
+
+Paths (sources, tokenizer) are etils.epath paths: local, or a bucket (gs://...) read through epath's backends.
+Text, JSONL and Parquet files are read with epath (a JSONL document or a Parquet row group per read); ArrayRecord
+files are read by array_record's own reader, which opens local paths and gs:// itself.
 
 Bad input is found when the sources are opened, before any model exists: a pattern that matches nothing, a JSONL
 line that is not JSON (file and line number), a record without the text field or with a non-string one, a Parquet
@@ -25,17 +37,18 @@ naming the key, file and line. Records whose text is null are skipped and counte
 from __future__ import annotations
 
 import bisect
+import fnmatch
 import functools
 import glob
 import json
 import logging
 import os
 import sysconfig
-from typing import Any
 
 import grain
 from absl import flags
 import numpy as np
+from etils import epath
 
 from qwen3next_train.config import ConfigError, DataConfig
 
@@ -61,7 +74,7 @@ class HFTokenizer:
     def __init__(self, path: str, eos_id: int | None):
         import tokenizers
 
-        self._tok = tokenizers.Tokenizer.from_file(path)
+        self._tok = tokenizers.Tokenizer.from_str(epath.Path(path).read_text())
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.eos_id = eos_id
 
@@ -75,9 +88,11 @@ def make_tokenizer(spec: str, eos_id: int | list[int] | None):
         return ByteTokenizer()
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
-    path = os.path.join(spec, "tokenizer.json") if os.path.isdir(spec) else spec
-    if not os.path.isfile(path):
-        raise ConfigError(f"data.tokenizer: {path!r} does not exist (give 'bytes' or the path of a tokenizer.json)")
+    path = epath.Path(spec)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.exists():
+        raise ConfigError(f"data.tokenizer: {os.fspath(path)!r} does not exist (give 'bytes' or the path of a "
+                          "tokenizer.json)")
     try:
         return HFTokenizer(path, eos_id)
     except Exception as e:  # noqa: BLE001 - the tokenizers library raises a bare Exception for a malformed file
@@ -99,8 +114,7 @@ class _WholeFile:
         return 1
 
     def __getitem__(self, i: int) -> str:
-        with open(self.path, encoding="utf-8", errors="replace") as f:
-            return f.read()
+        return epath.Path(self.path).read_bytes().decode("utf-8", errors="replace")
 
 
 class _JsonLines:
@@ -110,7 +124,7 @@ class _JsonLines:
     def __init__(self, path: str, field: str):
         self.path, self.field = path, field
         offsets, pos, self.nulls, self.first_null = [], 0, 0, None
-        with open(path, "rb") as f:
+        with epath.Path(path).open("rb") as f:
             for number, line in enumerate(f, start=1):
                 if line.strip():
                     text = self._text(line, number)
@@ -140,7 +154,7 @@ class _JsonLines:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> str:
-        with open(self.path, "rb") as f:
+        with epath.Path(self.path).open("rb") as f:
             f.seek(int(self.offsets[i]))
             return json.loads(f.readline())[self.field]
 
@@ -155,8 +169,13 @@ class _Parquet:
         import pyarrow.parquet as pq
 
         self.path, self.field = path, field
+        with epath.Path(path).open("rb") as f:
+            self._read_schema(pa, pq, f)
+
+    def _read_schema(self, pa, pq, f) -> None:
+        path, field = self.path, self.field
         try:
-            file = pq.ParquetFile(path)
+            file = pq.ParquetFile(f)
         except (OSError, pa.ArrowException) as e:
             raise ConfigError(f"data.sources: {path}: not a readable Parquet file ({e})") from None
         schema = file.schema_arrow
@@ -190,7 +209,8 @@ class _Parquet:
     def _group(self, g: int) -> list:
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.path).read_row_group(g, columns=[self.field]).column(0).to_pylist()
+        with epath.Path(self.path).open("rb") as f:
+            return pq.ParquetFile(f).read_row_group(g, columns=[self.field]).column(0).to_pylist()
 
     def __getitem__(self, i: int) -> str:
         if self.rows is not None:
@@ -229,13 +249,51 @@ def default_sources() -> list[str]:
     return [p for p in glob.glob(os.path.join(stdlib, "**", "*.py"), recursive=True) if "site-packages" not in p]
 
 
+def _glob_match(pattern: list[str], parts: list[str]) -> bool:
+    """Whether path components `parts` match glob components `pattern` ("**" = any number of directories; as in
+    glob, a name starting with "." is matched only by a pattern component starting with ".")."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_glob_match(pattern[1:], parts[i:]) for i in range(len(parts) + 1)
+                   if not any(p.startswith(".") for p in parts[:i]))
+    return (bool(parts) and (not parts[0].startswith(".") or pattern[0].startswith("."))
+            and fnmatch.fnmatchcase(parts[0], pattern[0]) and _glob_match(pattern[1:], parts[1:]))
+
+
+def _files(pattern: str) -> list[str]:
+    """The files a path, directory (all its files, recursively) or glob names, through epath: a bucket's too."""
+    path = epath.Path(pattern)
+    if not glob.has_magic(pattern):
+        if path.is_dir():
+            pattern = str(path / "**" / "*")
+        else:
+            return [str(path)] if path.exists() else []
+    parts = pattern.split("/")
+    fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+    root = epath.Path("/".join(parts[:fixed]) or ".")
+    if not root.is_dir():
+        return []
+    # Listed directory by directory (epath's walk loses a bucket's scheme with its fsspec backend); without "**",
+    # no deeper than the pattern reaches: on a bucket, every directory listed is a request.
+    pattern, found, todo = parts[fixed:], [], [(root, ())]
+    while todo:
+        directory, relative = todo.pop()
+        for child in directory.iterdir():
+            where = (*relative, child.name)
+            if child.is_dir():
+                if "**" in pattern or len(where) < len(pattern):
+                    todo.append((child, where))
+            elif _glob_match(pattern, list(where)):
+                found.append(str(child))
+    return found
+
+
 def expand_sources(patterns: list[str]) -> list[str]:
     """Files named by paths, directories (their files, recursively) and globs; sorted, so every host agrees."""
     files = []
     for pattern in patterns:
-        matches = glob.glob(os.path.join(pattern, "**", "*"), recursive=True) if os.path.isdir(pattern) \
-            else glob.glob(pattern, recursive=True)
-        matches = [m for m in matches if os.path.isfile(m)]
+        matches = _files(pattern)
         if not matches:
             raise ConfigError(f"data.sources: no file matches {pattern!r}")
         files += matches
@@ -329,15 +387,12 @@ class _Checkpointable(grain.IterDataset):
 
 
 def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int, seed: int | None,
-                   streams: int = 1, row_shuffle_window: int = 0, num_workers: int = 0, process_index: int = 0,
-                   process_count: int = 1) -> grain.IterDataset:
-    """Batches {input_ids, segment_ids, positions} of shape [batch_size, seq_len], int32, forever.
+                   streams: int = 1, row_shuffle_window: int = 0, num_workers: int = 0) -> grain.IterDataset:
+    """Global batches {input_ids, segment_ids, positions} of shape [batch_size, seq_len], int32, forever.
 
-    `batch_size` is this host's share. seed=None keeps the document order (validation).
+    seed=None keeps the document order (validation).
     """
-    ds = grain.MapDataset.source(docs)[process_index::process_count]
-    if len(ds) == 0:
-        raise ValueError(f"host {process_index} of {process_count} got no documents")
+    ds = grain.MapDataset.source(docs)
     if seed is not None:
         ds = ds.shuffle(seed=seed)
     # Concat-then-split packing turns a long document into many consecutive rows. Packing `streams` disjoint
@@ -358,16 +413,11 @@ def packed_batches(docs: Documents, tokenizer, *, seq_len: int, batch_size: int,
     return _Checkpointable(batches)
 
 
-def train_and_val(cfg: DataConfig, tokenizer, *, process_index: int = 0, process_count: int = 1
-                  ) -> tuple[grain.IterDataset, grain.IterDataset]:
-    """The training stream and the validation stream for this host."""
-    if cfg.batch_size % process_count:
-        raise ConfigError(f"data.batch_size {cfg.batch_size} must be a multiple of the host count {process_count}")
+def train_and_val(cfg: DataConfig, tokenizer) -> tuple[grain.IterDataset, grain.IterDataset]:
+    """The training stream and the validation stream (global batches: the same on every process)."""
     train_docs, val_docs = split_documents(cfg)
-    kw: dict[str, Any] = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size // process_count,
-                              process_index=process_index, process_count=process_count)
+    kw = dict(seq_len=cfg.seq_len, batch_size=cfg.batch_size)
     train = packed_batches(train_docs, tokenizer, seed=cfg.seed, streams=cfg.packing_streams,
-                           row_shuffle_window=cfg.row_shuffle_window,
-                           num_workers=cfg.num_workers, **kw)
+                           row_shuffle_window=cfg.row_shuffle_window, num_workers=cfg.num_workers, **kw)
     val = packed_batches(val_docs, tokenizer, seed=None, **kw)
     return train, val

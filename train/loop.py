@@ -14,16 +14,19 @@ Step s of the loop consumes the s-th batch; the checkpoint written after step s 
 the data iterator positioned at batch s + 1, so a resumed run replays exactly what the uninterrupted run would have
 done. No checkpoint is written while the non-finite streak is above zero (a save that falls due then waits for the
 next finite step), so every checkpoint is healthy. SIGTERM (how SLURM and TPU pods preempt) finishes the current
-step, saves it and ends the loop with `run.preempted` set.
+step, saves it and ends the loop with `run.preempted` set; with several processes, all of them at the same step
+(train/distributed.py).
+
+With several processes every process runs setup and loop alike; only process 0 writes config.yaml, the metrics and
+the progress bar, and logs the kernels and the compile report. The run directory is an etils.epath path: local, or
+a bucket (gs://...) that every host reaches.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -44,6 +48,7 @@ from qwen3next_train.checkpoint import CheckpointSaveError, Checkpoints
 from qwen3next_train.compile_report import compile_report, format_compile_report
 from qwen3next_train.config import ConfigError, TrainConfig
 from qwen3next_train.data import make_tokenizer, train_and_val
+from qwen3next_train.distributed import StopRequest, is_lead
 from qwen3next_train.metrics import MetricsLog, flops_per_token, peak_flops
 from qwen3next_train.optim import learning_rate, make_optimizer, schedule
 from qwen3next_train.state import TrainState, abstract_state, init_state, state_shardings
@@ -111,7 +116,9 @@ def make_eval_step(graphdef, rest, cfg: TrainConfig):
 
 
 def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+    """The global batch, which every process holds whole (data.py), as arrays: each process places the rows of its
+    own devices, wherever the mesh put them."""
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
 
 
 def validation_loss(eval_fn, params, val_ds, n_batches: int, sharding, mtp_depths: int) -> dict[str, float]:
@@ -133,7 +140,7 @@ def validation_loss(eval_fn, params, val_ds, n_batches: int, sharding, mtp_depth
 def make_mesh(cfg: TrainConfig):
     """The device mesh; a layout the devices cannot form, or a batch it cannot split, is a ConfigError."""
     try:
-        mesh = shd.make_mesh(**dataclasses.asdict(cfg.mesh))
+        mesh = shd.make_mesh(**dataclasses.asdict(cfg.mesh))  # all processes' devices
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
@@ -162,7 +169,8 @@ def model_config(cfg: TrainConfig) -> Qwen3NextConfig:
             raise ConfigError(f"checkpoint.init_from_hf: {e}") from None
     if cfg.checkpoint.init_from_params:
         try:
-            return Qwen3NextConfig.from_json_file(os.path.join(cfg.checkpoint.init_from_params, "config.json"))
+            config = epath.Path(cfg.checkpoint.init_from_params) / "config.json"
+            return Qwen3NextConfig.from_hf_dict(json.loads(config.read_text()))
         except (OSError, ValueError, KeyError) as e:
             raise ConfigError(f"checkpoint.init_from_params: {e}") from None
     return cfg.model
@@ -202,7 +210,7 @@ def config_text(cfg: TrainConfig, kernels: dict[str, dict[str, str]]) -> str:
 class Run:
     """A run ready to train: what setup() made, what loop() needs."""
     cfg: TrainConfig
-    run_dir: str
+    run_dir: epath.Path
     state: TrainState
     start: int  # the step the state is at
     train_iter: Any
@@ -218,15 +226,15 @@ class Run:
 def setup(cfg: TrainConfig) -> Run:
     """Everything before the first step, in the order the module docstring gives; bad input raises ConfigError
     before the model's parameters exist or anything in the run directory is written."""
-    run_dir = os.path.join(cfg.train.out_dir, cfg.train.name)
+    run_dir = epath.Path(cfg.train.out_dir) / cfg.train.name
+    lead = is_lead()
     mesh = make_mesh(cfg)
     cfg = dataclasses.replace(cfg, model=model_config(cfg))
     tokenizer = make_tokenizer(cfg.data.tokenizer, cfg.model.eos_token_id)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is "
                           f"{cfg.model.vocab_size}")
-    train_ds, val_ds = train_and_val(cfg.data, tokenizer, process_index=jax.process_index(),
-                                     process_count=jax.process_count())
+    train_ds, val_ds = train_and_val(cfg.data, tokenizer)
 
     abstract_model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(
         cfg.model, rngs=nnx.Rngs(cfg.train.seed), execution=cfg.execution))
@@ -235,7 +243,7 @@ def setup(cfg: TrainConfig) -> Run:
     shardings = state_shardings(shd.state_shardings(abstract_params, mesh), tx, abstract_params, mesh)
     abstract = abstract_state(tx, abstract_params, shardings)
 
-    ckpt = Checkpoints(os.path.join(run_dir, "checkpoints"), cfg.checkpoint)
+    ckpt = Checkpoints(run_dir / "checkpoints", cfg.checkpoint)
     train_iter = None
     try:
         restored = resume(cfg, ckpt, abstract, lambda: iter(train_ds))
@@ -246,14 +254,15 @@ def setup(cfg: TrainConfig) -> Run:
             state, start = init_state(initial_params(cfg, mesh), tx, cfg.train.seed, shardings), 0
             train_iter = iter(train_ds)
 
-        kernels = resolved_kernels(abstract_model)
-        log.info("kernels (call sites per implementation): %s", "; ".join(
-            f"{family}: " + ", ".join(f"{impl} x{n}" for impl, n in impls.items())
-            for family, impls in kernel_summary(abstract_model).items()))
-        log.info("kernels per call site: %s", "; ".join(_sites(kernels)))
-        kept = rundir.write_versioned(os.path.join(run_dir, "config.yaml"), config_text(cfg, kernels))
-        if kept:
-            log.info("config.yaml changed; the earlier one is kept as %s", os.path.basename(kept))
+        if lead:
+            kernels = resolved_kernels(abstract_model)
+            log.info("kernels (call sites per implementation): %s", "; ".join(
+                f"{family}: " + ", ".join(f"{impl} x{n}" for impl, n in impls.items())
+                for family, impls in kernel_summary(abstract_model).items()))
+            log.info("kernels per call site: %s", "; ".join(_sites(kernels)))
+            kept = rundir.write_versioned(run_dir / "config.yaml", config_text(cfg, kernels))
+            if kept:
+                log.info("config.yaml changed; the earlier one is kept as %s", kept.name)
 
         replicated = NamedSharding(mesh, P())
         batch_sharding = NamedSharding(mesh, shd.logical_to_spec(
@@ -268,10 +277,11 @@ def setup(cfg: TrainConfig) -> Run:
             # Traced with the mesh in context, so the Gated DeltaNet kernels run per shard (sharding.per_shard).
             with jax.set_mesh(mesh):
                 step_fn = step_jit.lower(abstract, batch).compile()
-            log.info("train step compiled: %s", format_compile_report(compile_report(step_fn)))
+            if lead:
+                log.info("train step compiled: %s", format_compile_report(compile_report(step_fn)))
             eval_fn = shd.in_mesh(mesh, jax.jit(make_eval_step(graphdef, rest, cfg), out_shardings=replicated,
                                                 in_shardings=(shardings.params, batch_sharding)))
-        metrics_log = MetricsLog(run_dir, resume_step=start)
+        metrics_log = MetricsLog(run_dir, resume_step=start, writer=lead)
     except BaseException:
         ckpt.close()
         if train_iter is not None:
@@ -293,23 +303,6 @@ def resume(cfg: TrainConfig, ckpt: Checkpoints, abstract: TrainState, new_iterat
 
 # ------------------------------------------------------------------------------------------------------ loop
 
-class _StopRequest:
-    """Catches SIGTERM for the loop's lifetime: the loop saves after the current step and ends."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def close(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def loop(run: Run) -> dict[str, Any]:
     """Trains run from run.start to cfg.train.steps; returns the last step's record."""
     cfg, ckpt, total = run.cfg, run.ckpt, run.cfg.train.steps
@@ -321,7 +314,8 @@ def loop(run: Run) -> dict[str, Any]:
 
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=run.start, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=run.start, disable=not (cfg.train.progress and is_lead()), unit="step",
+               dynamic_ncols=True)
     last: dict[str, Any] = {}
     streak = 0
     t_prev = time.perf_counter()
@@ -350,19 +344,20 @@ def loop(run: Run) -> dict[str, Any]:
             raise NonFiniteError(f"{streak} non-finite steps in a row (step {step}); stopping "
                                  f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps})")
 
-    stop = _StopRequest()
+    stop = StopRequest()
     pending, save_due = None, False
     try:
         for step in range(run.start + 1, total + 1):
             batch = _global_batch(next(run.train_iter), run.batch_sharding)
             run.state, metrics = run.step_fn(run.state, batch)
+            stopping = stop.due(step)
             if pending is not None:  # fetched one step late, so the host never waits for the device to go idle
                 finish(*pending)
             pending = (step, metrics)
             is_last = step == total
             evaluate = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or is_last)
             save_due = save_due or (ckpt.enabled and (step % cfg.checkpoint.every == 0 or is_last))
-            if evaluate or save_due or is_last or stop.received:
+            if evaluate or save_due or is_last or stopping:
                 finish(*pending)
                 pending = None
             if evaluate:
@@ -370,15 +365,17 @@ def loop(run: Run) -> dict[str, Any]:
                                       run.batch_sharding, cfg.model.mtp_num_hidden_layers)
                 run.metrics_log.write(step, val)
                 last.update(val)
-                bar.write(f"step {step}: loss {last['loss']:.4f}, val_loss {val['val_loss']:.4f}")
-            if (save_due or stop.received) and ckpt.enabled:
+                if is_lead():
+                    bar.write(f"step {step}: loss {last['loss']:.4f}, val_loss {val['val_loss']:.4f}")
+            if (save_due or stopping) and ckpt.enabled:
                 if streak:
                     log.warning("step %d: not saving during a run of %d non-finite steps; the save waits for the "
                                 "next finite step", step, streak)
                 else:
+                    run.metrics_log.flush()  # the records up to a checkpoint are kept with it
                     ckpt.save(step, run.state, run.train_iter, cfg.to_dict())
                     healthy, save_due = step, False
-            if stop.received:
+            if stopping:
                 run.preempted = True
                 log.warning("SIGTERM: stopping after step %d; the newest checkpoint is %s", step,
                             _checkpoint_text(ckpt, healthy))

@@ -18,11 +18,13 @@ MFU = FLOPs per token * tokens per second per device / the device's peak dense b
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any
 
 import jax
+from etils import epath
 
 from qwen3next_jax.config import FULL, Qwen3NextConfig
 from qwen3next_train import rundir
@@ -91,40 +93,95 @@ def _step(line: str) -> int | None:
         return None
 
 
+class _BucketEventFile:
+    """A TensorBoard event file on a bucket, through epath. An object cannot be appended to, so each flush uploads
+    the whole file (as tensorboardX's own GCS writer does; SummaryWriter flushes every 2 minutes and at close)."""
+
+    def __init__(self, path: str):
+        self.path, self.buffer = epath.Path(path), io.BytesIO()
+
+    def write(self, data: bytes) -> None:
+        self.buffer.write(data)
+
+    def flush(self) -> None:
+        self.path.write_bytes(self.buffer.getvalue())
+
+    def close(self) -> None:
+        self.flush()
+
+
+class _BucketEventFiles:
+    """tensorboardX's writer factory for a URI scheme: event files through epath (a bucket has no directories to
+    make)."""
+
+    def open(self, path: str) -> _BucketEventFile:
+        return _BucketEventFile(path)
+
+    def directory_check(self, path: str) -> None:
+        pass
+
+
 class MetricsLog:
-    """metrics.jsonl (one JSON object per record, flushed at once) and TensorBoard scalars.
+    """metrics.jsonl (one JSON object per record) and TensorBoard scalars; written by the lead process only (the
+    others pass writer=False and write nothing).
+
+    Locally each record is appended and flushed at once. On a bucket, where an object cannot be appended to, the
+    records are kept in memory and the file is uploaded whole by flush(), which the loop calls before every
+    checkpoint, and at close; the records a kill loses are those after the last checkpoint, which a resume writes
+    again anyway.
 
     On a resume from step s > 0, records after s (written by the interrupted run after its last checkpoint, and
     about to be written again identically) are dropped, so the file reads exactly as if the run had never stopped;
-    the file is rewritten to a temporary one and renamed, so a kill during the rewrite loses nothing. TensorBoard
-    purges them the same way. A run that starts at step 0 over an earlier metrics.jsonl keeps that file beside it
-    (metrics.1.jsonl, ...).
+    the file is rewritten atomically (rundir.write_atomically), so a kill during the rewrite loses nothing.
+    TensorBoard purges them the same way. A run that starts at step 0 over an earlier metrics.jsonl keeps that file
+    beside it (metrics.1.jsonl, ...).
     """
 
-    def __init__(self, run_dir: str, resume_step: int, tensorboard: bool = True):
-        from tensorboardX import SummaryWriter
-
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        if os.path.exists(self.path):
+    def __init__(self, run_dir: epath.PathLike, resume_step: int, tensorboard: bool = True, writer: bool = True):
+        self._file = self._lines = self._tb = None
+        if not writer:
+            return
+        self.path = epath.Path(run_dir) / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
             if resume_step == 0:
                 rundir.keep_earlier_version(self.path)
             else:
-                with open(self.path) as f:
-                    kept = [line for line in f if _step(line) is not None and _step(line) <= resume_step]
+                kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                        if _step(line) is not None and _step(line) <= resume_step]
                 rundir.write_atomically(self.path, "".join(kept))
-        self._file = open(self.path, "a")
-        purge = resume_step + 1 if resume_step else None
-        self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge) if tensorboard else None
+        if rundir.is_remote(self.path):
+            self._lines = kept
+        else:
+            self._file = self.path.open("a")
+        if tensorboard:
+            from tensorboardX import SummaryWriter, record_writer
+
+            logdir = self.path.parent / "tensorboard"
+            if rundir.is_remote(logdir):
+                record_writer.register_writer_factory(os.fspath(logdir).partition(":")[0], _BucketEventFiles())
+            self._tb = SummaryWriter(os.fspath(logdir), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, record: dict[str, Any], tensorboard: bool = True) -> None:
-        self._file.write(json.dumps({"step": step, **record}) + "\n")
-        self._file.flush()
+        line = json.dumps({"step": step, **record}) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        elif self._lines is not None:
+            self._lines.append(line)
         if self._tb is not None and tensorboard:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and v is not None:
                     self._tb.add_scalar(k, v, step)
 
+    def flush(self) -> None:
+        """Makes every record written so far durable (on a bucket, by uploading the file)."""
+        if self._lines is not None:
+            rundir.write_atomically(self.path, "".join(self._lines))
+
     def close(self) -> None:
-        self._file.close()
+        self.flush()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from etils import epath
+
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 SINGLE_FILE = "model.safetensors"
@@ -23,8 +25,7 @@ class CheckpointMismatchError(CheckpointError):
 def read_json(path: str | os.PathLike) -> Any:
     """The JSON document at `path`; a file that is not JSON is a CheckpointError naming it and the line."""
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(epath.Path(path).read_bytes())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{os.fspath(path)}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") \
             from None

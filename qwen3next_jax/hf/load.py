@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import nnx
 
 from qwen3next_jax.config import Qwen3NextConfig
@@ -37,7 +38,7 @@ def read_hf_config(path: str | os.PathLike, tensor_names: list[str] | None = Non
     """config.json -> Qwen3NextConfig; without an `mtp_num_hidden_layers` key, the MTP depth is the number of
     `mtp.layers.{i}` among `tensor_names` (0 when none, or when tensor_names is None)."""
     cfg_path = os.path.join(os.fspath(path), CONFIG_NAME)
-    if not os.path.exists(cfg_path):
+    if not epath.Path(cfg_path).exists():
         raise FileNotFoundError(f"{path}: no {CONFIG_NAME}")
     hf = read_json(cfg_path)
     if not isinstance(hf, dict):
