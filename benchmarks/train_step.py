@@ -91,6 +91,8 @@ def main():
     ap.add_argument("overrides", nargs="*", metavar="section.field=value")
     a = ap.parse_args()
     if a.one:
+        import logging
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the compile times
         shape, rows = a.one.split(":")
         B, T = map(int, shape.split("x"))
         print("RESULT " + json.dumps(bench_one(B, T, rows, a.steps, a.overrides)), flush=True)
@@ -104,7 +106,8 @@ def main():
                 done = subprocess.run([sys.executable, __file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps),
                                        *a.overrides], capture_output=True, text=True, timeout=a.timeout)
                 lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-                results[key] = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-2000:]}
+                results[key] = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-3000:]}
+                results[key]["log"] = [ln[:400] for ln in done.stderr.splitlines() if "train step" in ln]
             except subprocess.TimeoutExpired as e:
                 results[key] = {"error": f"timed out after {a.timeout} s", "stderr": str(e.stderr)[-1000:]}
             print(key, json.dumps(results[key])[:600], flush=True)

@@ -275,10 +275,14 @@ def setup(cfg: TrainConfig) -> Run:
             batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
                                              sharding=batch_sharding) for k in BATCH_KEYS}
             # Traced with the mesh in context, so the Gated DeltaNet kernels run per shard (sharding.per_shard).
+            t0 = time.perf_counter()
             with jax.set_mesh(mesh):
-                step_fn = step_jit.lower(abstract, batch).compile()
+                lowered = step_jit.lower(abstract, batch)
+            t1 = time.perf_counter()
+            step_fn = lowered.compile()
             if lead:
-                log.info("train step compiled: %s", format_compile_report(compile_report(step_fn)))
+                log.info("train step traced in %.1f s, compiled in %.1f s: %s", t1 - t0, time.perf_counter() - t1,
+                         format_compile_report(compile_report(step_fn)))
             eval_fn = shd.in_mesh(mesh, jax.jit(make_eval_step(graphdef, rest, cfg), out_shardings=replicated,
                                                 in_shardings=(shardings.params, batch_sharding)))
         metrics_log = MetricsLog(run_dir, resume_step=start, writer=lead)
