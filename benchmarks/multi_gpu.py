@@ -258,7 +258,7 @@ def compare_losses(results: dict, reference: str = "1") -> None:
     """Adds to each layout its scaling efficiency and largest relative loss difference from `reference`."""
     ref = results.get(reference, {})
     for key, r in results.items():
-        if "losses" not in r or "losses" not in ref:
+        if not isinstance(r, dict) or "losses" not in r or "losses" not in ref:
             continue
         r["loss_rel_diff_max"] = max(abs(a - b) / abs(b) for a, b in zip(r["losses"], ref["losses"]))
         r["scaling_efficiency"] = r["tokens_per_s_per_device"] / ref["tokens_per_s_per_device"]
@@ -276,12 +276,12 @@ def run_layouts(a, env: dict) -> dict:
             results[key] = run_child([__file__, "--one", json.dumps(job)], a.timeout,
                                      child_env(env, a.devices if mesh else 1))
             print(key, json.dumps(results[key])[:400], flush=True)
-    compare_losses(results)
     return results
 
 
 def run_80b(a, env: dict) -> dict:
-    from qwen3next_jax.hf.synthetic import write_random_checkpoint
+    from qwen3next_jax.hf.save import DEFAULT_MAX_SHARD_SIZE, plan_shards
+    from qwen3next_jax.hf.synthetic import checkpoint_specs, write_random_checkpoint
     from qwen3next_train.config import load_config
     from qwen3next_train.memory import with_layers
 
@@ -292,15 +292,18 @@ def run_80b(a, env: dict) -> dict:
     ckpt, block = os.path.join(a.workdir, "random_hf"), os.path.join(a.workdir, "random_hf_block")
     out = {}
     t0 = time.perf_counter()
-    plan = write_random_checkpoint(cfg, ckpt, workers=a.workers)
-    out["write_random_s"] = time.perf_counter() - t0
+    if os.path.exists(os.path.join(ckpt, "config.json")):  # written last: the checkpoint of an earlier command
+        plan = plan_shards(checkpoint_specs(cfg), DEFAULT_MAX_SHARD_SIZE)
+    else:
+        plan = write_random_checkpoint(cfg, ckpt, workers=a.workers)
+        out["write_random_s"] = time.perf_counter() - t0
     out["checkpoint"] = {"layers": cfg.num_hidden_layers, "tensors": len(plan.entries),
                          "parameters": plan.parameters, "bytes": plan.nbytes}
-    if period < cfg.num_hidden_layers:  # the same seed: exactly the first block of the checkpoint above
+    if period == cfg.num_hidden_layers:
+        block = ckpt
+    elif not os.path.exists(os.path.join(block, "config.json")):  # the same seed: the first block of the above
         write_random_checkpoint(cfg.replace(num_hidden_layers=period, layer_types=cfg.layer_types[:period]), block,
                                 workers=a.workers)
-    else:
-        block = ckpt
     job = {"config": a.config or CONFIG_80B, "ckpt": ckpt, "block_ckpt": block, "mesh": a.mesh80, "rows": a.rows,
            "seq": a.seq, "steps": a.steps, "overrides": a.overrides, "workdir": a.workdir}
     out.update(run_child([__file__, "--one-80b", json.dumps(job)], a.timeout, child_env(env, a.devices)))
@@ -315,6 +318,7 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--exchanges", default="ragged,padded")
+    ap.add_argument("--results", help="JSON file to add to (default $OUT/multi_gpu.json); earlier layouts kept")
     ap.add_argument("--only", help="layouts to run, |-separated (e.g. '1|expert=4')")
     ap.add_argument("--profile", action="store_true", help="trace 3 more steps; the collectives' share")
     ap.add_argument("--timeout", type=int, default=1200, help="seconds for each process")
@@ -344,14 +348,20 @@ def main(argv=None):
         return predict_80b(a.rows, a.seq, a.overrides)
     a.devices = a.devices or gpu_count()
     a.mesh80 = {k: int(v) for k, v in (item.split("=") for item in a.mesh.split(","))}
-    results = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
-               "per_device_batch": f"{a.rows}x{a.seq}"}
+    out = a.results or os.path.join(os.environ.get("OUT", "/tmp"), "multi_gpu.json")
+    results = {}
+    if os.path.exists(out):  # layouts run by earlier commands: one device's figures stay the reference
+        with open(out) as f:
+            results = json.load(f)
+    results.update({"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv),
+                    "per_device_batch": f"{a.rows}x{a.seq}"})
     if a.preset_80b:
-        results["80b"] = run_80b(a, env)
+        results[f"80b_{a.layers}_layers"] = run_80b(a, env)
     else:
         a.config = a.config or BENCH_CONFIG
         results.update(run_layouts(a, env))
-    out = os.path.join(os.environ.get("OUT", "/tmp"), "multi_gpu.json")
+        compare_losses(results)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=1)
     print(f"wrote {out}", flush=True)
