@@ -166,6 +166,7 @@ def bench_80b(config: str, ckpt: str, block_ckpt: str, mesh: dict[str, int], row
     from qwen3next_jax.convert import train_to_hf
     from qwen3next_train.checkpoint import Checkpoints
     from qwen3next_train.config import CheckpointConfig
+    from qwen3next_train.data import make_tokenizer, train_and_val
     from qwen3next_train.loop import setup
     from qwen3next_train.metrics import flops_per_token, peak_flops
 
@@ -201,7 +202,9 @@ def bench_80b(config: str, ckpt: str, block_ckpt: str, mesh: dict[str, int], row
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), run.state)
         jax.tree.map(lambda x: x.delete(), run.state)  # room for the restored copy
         t0 = time.perf_counter()
-        restored = ckpts.restore_newest(abstract, lambda: iter(run.val_ds), run.cfg.to_dict())
+        train_ds, _ = train_and_val(run.cfg.data, make_tokenizer(run.cfg.data.tokenizer, run.cfg.model.eos_token_id))
+        restored = ckpts.restore_newest(abstract, lambda: iter(train_ds), run.cfg.to_dict())  # the data position
+        # belongs to the training pipeline
         jax.block_until_ready(restored.state)
         out["restore_s"] = time.perf_counter() - t0
         out["state_gb"] = state_bytes / 1e9
