@@ -28,57 +28,96 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench_one(B: int, T: int, rows: str, steps: int, overrides: list[str]) -> dict:
-    import jax
-    import numpy as np
-
+def bench_config(config: str, B: int, T: int, overrides: list[str]):
+    """The trainer config of a benchmark run: `config` (a YAML path) at batch B x T, no evaluation, checkpoints
+    or progress bar, a throw-away run directory; `overrides` last."""
     from qwen3next_train.config import load_config
-    from qwen3next_train.loop import setup
-    from qwen3next_train.metrics import flops_per_token, peak_flops
 
-    out_dir = tempfile.mkdtemp(prefix="train_step_")
-    cfg = load_config(os.path.join(ROOT, "configs", "bench-1p3b.yaml"), [
+    out_dir = tempfile.mkdtemp(prefix="bench_")
+    return load_config(config, [
         f"data.seq_len={T}", f"data.batch_size={B}", "data.num_workers=0", f"train.out_dir={out_dir}",
         "train.steps=1000", "train.eval_every=0", "checkpoint.every=0", "train.progress=false", *overrides])
-    t0 = time.perf_counter()
-    run = setup(cfg)
-    setup_s = time.perf_counter() - t0
-    rng = np.random.default_rng(0)
 
-    def synthetic(doc_len):
-        ids = rng.integers(0, cfg.model.vocab_size, (B, T)).astype(np.int32)
-        if doc_len is None:
-            return dict(input_ids=ids, segment_ids=np.ones((B, T), np.int32),
-                        positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
-        starts = rng.random((B, T)) < 1 / doc_len
-        starts[:, 0] = True
-        seg = np.cumsum(starts, axis=1).astype(np.int32)
-        start_pos = np.maximum.accumulate(np.where(starts, np.arange(T), 0), axis=1)
-        return dict(input_ids=ids, segment_ids=seg, positions=(np.arange(T) - start_pos).astype(np.int32))
 
-    # Fetched or made before timing: the step is timed, not the pipeline.
-    make = {"pipeline": lambda: next(run.train_iter), "single": lambda: synthetic(None),
-            "packed": lambda: synthetic(max(T // 8, 2))}[rows]
-    host = [make() for _ in range(steps + 3)]
-    batches = [{k: jax.device_put(v, run.batch_sharding) for k, v in b.items()} for b in host]
-    docs_per_row = float(np.mean([len(np.unique(r[r > 0])) for r in host[0]["segment_ids"]]))
+def synthetic_batch(rng, B: int, T: int, vocab: int, doc_len: int | None) -> dict:
+    """Random tokens [B, T]: one document a row (doc_len None), or documents of lengths drawn around doc_len."""
+    import numpy as np
+
+    ids = rng.integers(0, vocab, (B, T)).astype(np.int32)
+    if doc_len is None:
+        return dict(input_ids=ids, segment_ids=np.ones((B, T), np.int32),
+                    positions=np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)))
+    starts = rng.random((B, T)) < 1 / doc_len
+    starts[:, 0] = True
+    seg = np.cumsum(starts, axis=1).astype(np.int32)
+    start_pos = np.maximum.accumulate(np.where(starts, np.arange(T), 0), axis=1)
+    return dict(input_ids=ids, segment_ids=seg, positions=(np.arange(T) - start_pos).astype(np.int32))
+
+
+def time_steps(run, host_batches: list[dict], warmup: int = 3) -> tuple[list[float], list[float]]:
+    """Runs the compiled step of `run` on each batch; returns every step's loss and the wall times of the steps
+    after `warmup`. Each loss is fetched before the next step starts, so a step's time is its own."""
+    import jax
+
+    batches = [{k: jax.device_put(v, run.batch_sharding) for k, v in b.items()} for b in host_batches]
     state, losses, times = run.state, [], []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         state, metrics = run.step_fn(state, batch)
         losses.append(float(metrics["loss"]))  # waits for the step; every loss kept, so a NaN shows where
-        if i >= 3:  # after warm-up
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
+    run.state = state
+    return losses, times
+
+
+def peak_gib() -> float:
+    """The largest peak_bytes_in_use over this process's devices (0 where the backend does not report it)."""
+    import jax
+
+    return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
+
+
+def run_child(argv: list[str], timeout: int, env: dict | None = None) -> dict:
+    """Runs `python argv` in a process of its own and returns the JSON of its last `RESULT ` line, or an error."""
+    try:
+        done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout, env=env)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+        result = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-3000:]}
+        result["log"] = [ln[:400] for ln in done.stderr.splitlines() if "train step" in ln]  # the compile times
+        return result
+    except subprocess.TimeoutExpired as e:
+        return {"error": f"timed out after {timeout} s", "stderr": str(e.stderr)[-1000:]}
+
+
+def bench_one(B: int, T: int, rows: str, steps: int, overrides: list[str]) -> dict:
+    import jax
+    import numpy as np
+
+    from qwen3next_train.loop import setup
+    from qwen3next_train.metrics import flops_per_token, peak_flops
+
+    cfg = bench_config(os.path.join(ROOT, "configs", "bench-1p3b.yaml"), B, T, overrides)
+    t0 = time.perf_counter()
+    run = setup(cfg)
+    setup_s = time.perf_counter() - t0
+    rng = np.random.default_rng(0)
+    # Fetched or made before timing: the step is timed, not the pipeline.
+    make = {"pipeline": lambda: next(run.train_iter),
+            "single": lambda: synthetic_batch(rng, B, T, cfg.model.vocab_size, None),
+            "packed": lambda: synthetic_batch(rng, B, T, cfg.model.vocab_size, max(T // 8, 2))}[rows]
+    host = [make() for _ in range(steps + 3)]
+    docs_per_row = float(np.mean([len(np.unique(r[r > 0])) for r in host[0]["segment_ids"]]))
+    losses, times = time_steps(run, host)
     run.train_iter.close()
     run.ckpt.close()
     dt = statistics.median(times)
     tps = B * T / dt / jax.device_count()
     peak = peak_flops(jax.devices()[0])
-    stats = jax.devices()[0].memory_stats() or {}
     return dict(step_ms=dt * 1e3, tokens_per_s_per_device=tps, setup_s=setup_s, losses=losses,
                 documents_per_row=docs_per_row, device=jax.devices()[0].device_kind, devices=jax.device_count(),
                 mfu=flops_per_token(cfg.model, T)["total"] * tps / peak if peak else None,
-                peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30, execution=cfg.to_dict()["execution"])
+                peak_gib=peak_gib(), execution=cfg.to_dict()["execution"])
 
 
 def main():
@@ -102,14 +141,8 @@ def main():
     for shape in a.shapes.split(","):
         for rows in a.rows.split(","):
             key = f"{shape}_{rows}"
-            try:
-                done = subprocess.run([sys.executable, __file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps),
-                                       *a.overrides], capture_output=True, text=True, timeout=a.timeout)
-                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-                results[key] = json.loads(lines[-1][7:]) if lines else {"error": done.stderr[-3000:]}
-                results[key]["log"] = [ln[:400] for ln in done.stderr.splitlines() if "train step" in ln]
-            except subprocess.TimeoutExpired as e:
-                results[key] = {"error": f"timed out after {a.timeout} s", "stderr": str(e.stderr)[-1000:]}
+            results[key] = run_child([__file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps), *a.overrides],
+                                     a.timeout)
             print(key, json.dumps(results[key])[:600], flush=True)
             with open(out, "w") as f:
                 json.dump(results, f, indent=1)

@@ -9,9 +9,9 @@ from flax import nnx
 
 from qwen3next_jax import Qwen3NextForCausalLM
 from qwen3next_jax.config import PRESETS, Qwen3NextConfig
-from qwen3next_train.config import load_config
+from qwen3next_train.config import ConfigError, load_config
 from qwen3next_train.loop import make_train_step
-from qwen3next_train.optim import decay_mask, schedule
+from qwen3next_train.optim import decay_mask, make_optimizer, schedule
 from qwen3next_train.state import TrainState
 
 
@@ -69,3 +69,38 @@ def test_weight_decay_mask_from_metadata_equals_the_name_rule(preset):
     names = {jax.tree_util.keystr(p): _name_based_decays(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)}
     assert mask == names
     assert any(mask.values()) and not all(mask.values())
+
+
+@pytest.mark.parametrize("param_dtype,mu_dtype", [("float32", "bfloat16"), ("bfloat16", None)])
+def test_moment_dtypes_and_steps(param_dtype, mu_dtype):
+    """optim.mu_dtype sets AdamW's first moment; the second follows the parameters (optax has no nu_dtype). Three
+    steps with those dtypes (bf16 master weights included) keep every parameter and moment in its dtype, and the loss
+    stays finite and falls on one batch repeated."""
+    overrides = [f"execution.param_dtype={param_dtype}", f"optim.mu_dtype={mu_dtype or 'null'}", "optim.lr=1e-2",
+                 "optim.warmup_steps=0"]
+    cfg = load_config("configs/smoke.yaml", overrides)
+    model = Qwen3NextForCausalLM(cfg.model, rngs=nnx.Rngs(0), execution=cfg.execution)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(cfg.optim, 10)
+    state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32),
+                       rng=jax.random.key_data(jax.random.key(0)))
+    adam = state.opt_state.inner_state[1][0]  # apply_if_finite(chain(clip, adamw)): adamw's scale_by_adam state
+    assert {x.dtype for x in jax.tree.leaves(adam.mu)} == {jnp.dtype(mu_dtype or param_dtype)}
+    assert {x.dtype for x in jax.tree.leaves(adam.nu)} == {jnp.dtype(param_dtype)}
+    rng = np.random.default_rng(0)
+    batch = {"input_ids": jnp.asarray(rng.integers(0, 257, (4, 32)), jnp.int32),
+             "segment_ids": jnp.ones((4, 32), jnp.int32), "positions": jnp.tile(jnp.arange(32, dtype=jnp.int32), (4, 1))}
+    step = jax.jit(make_train_step(graphdef, rest, tx, cfg, schedule(cfg.optim, 10)))
+    losses = []
+    for _ in range(3):
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(param_dtype)}
+    assert jax.tree.structure(state.opt_state) == jax.tree.structure(tx.init(params))
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state.inner_state[1][0].mu)} == {jnp.dtype(mu_dtype or param_dtype)}
+
+
+def test_first_moment_wider_than_the_parameters_is_refused():
+    with pytest.raises(ConfigError, match="optim.mu_dtype float32 is wider than execution.param_dtype bfloat16"):
+        load_config("configs/smoke.yaml", ["execution.param_dtype=bfloat16", "optim.mu_dtype=float32"])

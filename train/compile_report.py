@@ -7,11 +7,14 @@ TPU topology on a CPU host) and returns
 - `collectives`: how many instructions of each collective kind the optimised HLO holds. An asynchronous pair
   (`all-gather-start` / `all-gather-done`) counts once, as its kind. A collective inside a loop body counts once,
   not once per trip.
+`collective_bytes(hlo_text)` gives the bytes of each kind's results per device, counted the same way (once per
+instruction; of an asynchronous start, its largest result, the output buffer).
 `format_compile_report(report)` writes it as one log line.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -31,6 +34,27 @@ def count_collectives(hlo_text: str) -> dict[str, int]:
     for match in _OPCODE.finditer(hlo_text):
         counts[match.group(1)] += 1
     return counts
+
+
+_RESULT = re.compile(r"=\s*(.+?)\s+(" + "|".join(sorted(map(re.escape, COLLECTIVES), key=len, reverse=True))
+                     + r")(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16|f8\w*)\[([\d,]*)\]")
+
+
+def _bits(element_type: str) -> int:
+    return 8 if element_type == "pred" or element_type.startswith("f8") else 16 if element_type == "bf16" \
+        else int(element_type[1:])
+
+
+def collective_bytes(hlo_text: str) -> dict[str, int]:
+    total = dict.fromkeys(COLLECTIVES, 0)
+    for line in hlo_text.splitlines():
+        if not (match := _RESULT.search(line)):
+            continue
+        sizes = [math.prod(int(d) for d in dims.split(",") if d) * _bits(t) // 8
+                 for t, dims in _ARRAY.findall(match.group(1))]
+        total[match.group(2)] += (max(sizes) if match.group(3) else sum(sizes)) if sizes else 0
+    return total
 
 
 def compile_report(compiled) -> dict[str, Any]:

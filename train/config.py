@@ -27,6 +27,7 @@ import types
 import typing
 from typing import Any, Literal
 
+import jax.numpy as jnp
 import yaml
 from gin import config_parser
 
@@ -63,6 +64,9 @@ class OptimConfig:
     eps: float = 1e-8
     clip_norm: float = 1.0  # global gradient norm; 0 disables clipping (the optimizer state is the same)
     grad_accum_steps: int = 1
+    # AdamW's first moment (optax's mu_dtype); null: the parameters' dtype. The second moment always takes the
+    # parameters' dtype (optax 0.2.8 has no nu_dtype), so both are bf16 exactly when execution.param_dtype is.
+    mu_dtype: Literal["float32", "bfloat16"] | None = None
     max_nonfinite_steps: int = 5  # a step with a non-finite gradient is skipped; stop after this many in a row
 
 
@@ -178,6 +182,7 @@ ON_RESUME: dict[str, str] = {
     "optim.decay": CHANGEABLE, "optim.weight_decay": CHANGEABLE, "optim.b1": CHANGEABLE, "optim.b2": CHANGEABLE,
     "optim.eps": CHANGEABLE, "optim.clip_norm": CHANGEABLE, "optim.max_nonfinite_steps": CHANGEABLE,
     "optim.grad_accum_steps": STRUCTURAL,
+    "optim.mu_dtype": STRUCTURAL,  # the dtype of a saved optimizer-state array
     "loss.mtp_weight": CHANGEABLE, "loss.z_loss_coef": CHANGEABLE, "loss.chunk_tokens": CHANGEABLE,
     "checkpoint.every": CHANGEABLE, "checkpoint.keep": CHANGEABLE, "checkpoint.async_save": CHANGEABLE,
     "checkpoint.resume": CHANGEABLE,
@@ -337,6 +342,10 @@ def _check_values(cfg: TrainConfig) -> None:
     if cfg.data.batch_size % cfg.optim.grad_accum_steps:
         raise ConfigError(f"data.batch_size {cfg.data.batch_size} must be a multiple of optim.grad_accum_steps "
                           f"{cfg.optim.grad_accum_steps}")
+    if cfg.optim.mu_dtype and jnp.dtype(cfg.optim.mu_dtype).itemsize > cfg.execution.params.itemsize:
+        # optax's AdamW would then return updates wider than the parameters, which apply_if_finite refuses.
+        raise ConfigError(f"optim.mu_dtype {cfg.optim.mu_dtype} is wider than execution.param_dtype "
+                          f"{cfg.execution.param_dtype}; leave it null (the parameters' dtype) or narrow it")
     _check_distributed(cfg.distributed)
     if cfg.checkpoint.init_from_hf and cfg.checkpoint.init_from_params:
         raise ConfigError("checkpoint.init_from_hf and checkpoint.init_from_params are both set; choose one")

@@ -49,7 +49,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     clip = cfg.clip_norm if cfg.clip_norm > 0 else jnp.inf
     chain = optax.chain(optax.clip_by_global_norm(clip),
                         optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay, mask=decay_mask))
+                                    weight_decay=cfg.weight_decay, mask=decay_mask, mu_dtype=cfg.mu_dtype))
     # Every non-finite update is rejected (the limit is never reached); the loop stops after
     # cfg.max_nonfinite_steps of them in a row, reading the count from this wrapper's state.
     return optax.apply_if_finite(chain, max_consecutive_errors=2**31 - 1)

@@ -3,12 +3,15 @@
 config.json (transformers' keys), safetensors shards of at most `max_shard_size` (per-expert tensors, MTP included)
 and `model.safetensors.index.json` when there is more than one shard. The writer streams: it asks its source for
 one (leaf, repeat) at a time, in checkpoint order, and holds one shard's tensors until that shard is written. The
-source is the model on its devices (`save_hf_checkpoint`) or any other reader of our-layout slices, such as an Orbax
-checkpoint read with tensorstore (qwen3next_jax.orbax_io).
+source is the model on its devices (`save_hf_checkpoint`), any other reader of our-layout slices, such as an Orbax
+checkpoint read with tensorstore (qwen3next_jax.orbax_io), or random values (qwen3next_jax.hf.synthetic). The
+steps are separate so that shards can be written by several processes: `plan_shards` (names, shapes, files; no
+data), `write_shard`, `write_metadata` (index and config.json).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -85,63 +88,105 @@ def save_hf_checkpoint(model, path: str | os.PathLike, max_shard_size: int | str
                                config_layout=config_layout, progress=progress)
 
 
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor of the checkpoint: slot (r, e) of `spec`, `nbytes` in the spec's dtype."""
+    name: str
+    spec: LeafSpec
+    r: int
+    e: int
+    nbytes: int
+
+
+@dataclasses.dataclass
+class ShardPlan:
+    """Which tensors go to which file: `shards[k]` holds the entries of `files[k]`, in checkpoint order."""
+    shards: list[list[Entry]]
+    files: list[str]
+
+    @property
+    def entries(self) -> list[Entry]:
+        return [entry for shard in self.shards for entry in shard]
+
+    @property
+    def checkpoint_files(self) -> list[str]:
+        """Every file of the checkpoint: the tensor files, the index when there are several, config.json."""
+        return self.files + ([INDEX_FILE] if len(self.files) > 1 else []) + [CONFIG_NAME]
+
+    @property
+    def parameters(self) -> int:
+        return sum(math.prod(t.spec.hf_shape) for t in self.entries)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.entries)
+
+
+def plan_shards(specs: list[LeafSpec], max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> ShardPlan:
+    """The tensors `specs` describe, in checkpoint order, cut into files of at most `max_shard_size` bytes (a
+    tensor larger than that gets a file of its own). Needs only shapes and dtypes: no data is read."""
+    limit = parse_size(max_shard_size)
+    entries = [Entry(name, spec, r, e, math.prod(spec.hf_shape) * np.dtype(spec.dtype).itemsize)
+               for spec in specs for r, e, name in spec.slots()]
+    # Sort by the (leaf, repeat)'s first name, then expert: the experts of one leaf of one layer stay together, so
+    # each (leaf, repeat) is fetched once.
+    entries.sort(key=lambda t: (hf_order(t.spec.hf_names[t.r][0]), t.e))
+    shards, current, size = [], [], 0
+    for entry in entries:
+        if current and size + entry.nbytes > limit:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += entry.nbytes
+    if current:
+        shards.append(current)
+    n = len(shards)
+    return ShardPlan(shards, [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+                                                           for k in range(n)])
+
+
+def write_shard(plan: ShardPlan, k: int, fetch: SliceSource, path: str | os.PathLike) -> None:
+    """Writes file k of `plan` under `path`, its tensors read through `fetch`; only process 0 writes."""
+    tensors = {}
+    for t in plan.shards[k]:
+        host = fetch(t.spec, t.r)
+        slot = host[t.e] if t.spec.per_expert else host
+        tensors[t.name] = np.ascontiguousarray(t.spec.transform.to_hf(slot))
+    if jax.process_index() == 0:
+        save_file(tensors, os.path.join(os.fspath(path), plan.files[k]), metadata={"format": "pt"})
+
+
+def write_metadata(plan: ShardPlan, cfg: Qwen3NextConfig, path: str | os.PathLike, config_layout: str = "5"
+                   ) -> None:
+    """The index (when there is more than one file; a stale one is removed) and config.json of `plan`'s checkpoint,
+    config.json's dtype the one most tensors have."""
+    path = os.fspath(path)
+    if len(plan.files) > 1:
+        weight_map = {t.name: plan.files[k] for k, shard in enumerate(plan.shards) for t in shard}
+        write_json(os.path.join(path, INDEX_FILE),
+                   {"metadata": {"total_parameters": plan.parameters, "total_size": plan.nbytes},
+                    "weight_map": dict(sorted(weight_map.items(), key=lambda kv: hf_order(kv[0])))})
+    elif os.path.exists(os.path.join(path, INDEX_FILE)):
+        os.remove(os.path.join(path, INDEX_FILE))
+    dtypes = Counter(np.dtype(t.spec.dtype).name for t in plan.entries)
+    write_json(os.path.join(path, CONFIG_NAME), hf_config_dict(cfg, dtypes.most_common(1)[0][0], config_layout))
+
+
 def write_hf_checkpoint(specs: list[LeafSpec], fetch: SliceSource, cfg: Qwen3NextConfig, path: str | os.PathLike,
                         max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, *, config_layout: str = "5",
                         progress: bool = False) -> list[str]:
     """Write the leaves `specs` describe, read through `fetch` one (leaf, repeat) at a time, as the checkpoint of a
     model with config `cfg`: each tensor in its spec's dtype. Returns the written file names."""
-    path = os.fspath(path)
-    limit = parse_size(max_shard_size)
-    entries = []  # (hf name, spec, r, e, nbytes), in checkpoint order with each (leaf, repeat) contiguous
-    for spec in specs:
-        itemsize = np.dtype(spec.dtype).itemsize
-        for r, e, name in spec.slots():
-            entries.append((name, spec, r, e, math.prod(spec.hf_shape) * itemsize))
-    # Sort by the (leaf, repeat)'s first name, then expert: the experts of one leaf of one layer stay together, so
-    # each (leaf, repeat) is fetched once.
-    entries.sort(key=lambda t: (hf_order(t[1].hf_names[t[2]][0]), t[3]))
-    shards, current, size = [], [], 0
-    for entry in entries:
-        if current and size + entry[4] > limit:
-            shards.append(current)
-            current, size = [], 0
-        current.append(entry)
-        size += entry[4]
-    if current:
-        shards.append(current)
-    n = len(shards)
-    names = [SINGLE_FILE] if n == 1 else [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    plan = plan_shards(specs, max_shard_size)
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(path, exist_ok=True)
-    weight_map = {}
-    shard_iter = range(n)
+    shard_iter = range(len(plan.files))
     if progress:
         from tqdm import tqdm
-        shard_iter = tqdm(shard_iter, desc=f"writing {os.path.basename(path.rstrip('/'))}", unit="shard")
+        shard_iter = tqdm(shard_iter, desc=f"writing {os.path.basename(os.fspath(path).rstrip('/'))}", unit="shard")
     for k in shard_iter:
-        tensors = {}
-        for name, spec, r, e, _ in shards[k]:
-            host = fetch(spec, r)
-            slot = host[e] if spec.per_expert else host
-            tensors[name] = np.ascontiguousarray(spec.transform.to_hf(slot))
-            weight_map[name] = names[k]
-        if writer:
-            save_file(tensors, os.path.join(path, names[k]), metadata={"format": "pt"})
-        del tensors
+        write_shard(plan, k, fetch, path)
     if writer:
-        if n > 1:
-            total = sum(t[4] for t in entries)
-            n_params = sum(math.prod(t[1].hf_shape) for t in entries)
-            write_json(os.path.join(path, INDEX_FILE),
-                       {"metadata": {"total_parameters": n_params, "total_size": total},
-                        "weight_map": dict(sorted(weight_map.items(), key=lambda kv: hf_order(kv[0])))})
-        else:
-            stale = os.path.join(path, INDEX_FILE)
-            if os.path.exists(stale):
-                os.remove(stale)
-        dtypes = Counter()
-        for name, spec, *_ in entries:
-            dtypes[np.dtype(spec.dtype).name] += 1
-        write_json(os.path.join(path, CONFIG_NAME), hf_config_dict(cfg, dtypes.most_common(1)[0][0], config_layout))
-    return names + ([INDEX_FILE] if n > 1 else []) + [CONFIG_NAME]
+        write_metadata(plan, cfg, path, config_layout)
+    return plan.checkpoint_files
