@@ -54,3 +54,39 @@ def test_hlo_opcodes_not_names():
     """
     counts = count_collectives(hlo)
     assert counts == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 1, "ragged-all-to-all": 1}
+
+
+def test_collective_bytes_count_loop_trips_and_whole_buffers():
+    """Per collective the larger of what it reads and writes (operand shapes from their definitions or inline; an
+    async start's echo of its operand left out; a ragged-all-to-all's input, not its output buffer), times the trips
+    of the loops it runs in, nested loops multiplied."""
+    hlo = """
+%inner (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %rs = f32[2]{0} reduce-scatter(%p), dimensions={0}, to_apply=%add
+}
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0:T(128)} get-tuple-element(%t), index=1
+  %ag = (f32[2]{0:T(128)}, f32[8]{0:T(128)}) all-gather-start(f32[2]{0:T(128)} %y), dimensions={0}
+  %w = f32[8]{0} while(%t), condition=%cond, body=%inner, backend_config={"known_trip_count":{"n":"5"}}
+}
+
+ENTRY %main (a: bf16[4,16]) -> f32[8] {
+  %a = bf16[4,16]{1,0} parameter(0)
+  %buf = bf16[64,16]{1,0} broadcast(%z)
+  %r = bf16[64,16]{1,0} ragged-all-to-all(%a, %buf, %o, %s, %o2, %s2), channel_id=1
+  %ar = (f32[3]{0}, bf16[2,2]{1,0}) all-reduce(%u, %v), to_apply=%add
+  %loop = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %open = (s32[], f32[8]) while(%init), condition=%cond, body=%cond
+}
+"""
+    from qwen3next_train.compile_report import collective_bytes
+
+    report = collective_bytes(hlo)
+    assert report["executed"] == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 3, "reduce-scatter": 15,
+                                  "ragged-all-to-all": 1, "all-reduce": 1}
+    assert report["bytes"] == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 3 * 32, "reduce-scatter": 15 * 32,
+                               "ragged-all-to-all": 64 * 16 * 2, "all-reduce": 12 + 8}
+    assert report["loops_without_trip_count"] == 1
