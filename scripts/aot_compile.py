@@ -31,6 +31,7 @@ skip_absent_tpu()
 import jax  # noqa: E402
 
 from qwen3next_jax.execution import kernel_summary  # noqa: E402
+from qwen3next_jax.moe import exchange_capacity  # noqa: E402
 from qwen3next_kernels.registry import Platform  # noqa: E402
 from qwen3next_train import loop  # noqa: E402
 from qwen3next_train.compile_report import collective_bytes, compile_report, hlo_flops  # noqa: E402
@@ -45,8 +46,10 @@ CHIPS = {"v5p": dict(hbm_bytes=95 * GiB, ici_bytes_per_s=4800e9 / 8),
          "v6e": dict(hbm_bytes=32 * GiB, ici_bytes_per_s=3584e9 / 8)}
 ESTIMATE_MODEL = (
     "ESTIMATES, not measurements. compute time = the compiled step's FLOPs per chip (compile_report.hlo_flops: "
-    "dots, convolutions and the kernels' own cost estimates, loop trips included; where kernels give no estimate "
-    "(the Gated DeltaNet and splash attention kernels), plus the model's attention and Gated DeltaNet FLOPs of the "
+    "dots, convolutions and the kernels' own cost estimates, loop trips included; the grouped matmuls' estimates, "
+    "which count every row of the dropless receive buffer (expert x capacity rows), scaled to the rows that hold "
+    "tokens (tokens per chip x top-k), assuming the kernel skips the rest; where kernels give no estimate (the "
+    "Gated DeltaNet and splash attention kernels), plus the model's attention and Gated DeltaNet FLOPs of the "
     "chip's tokens instead, once, without remat's recompute) / the chip's peak bf16 FLOP/s, as if all of them ran "
     "at peak; collective time = the collectives' bytes per chip "
     "(compile_report.collective_bytes: whole buffers, loop trips included) / the chip's whole ICI bandwidth; "
@@ -105,13 +108,19 @@ def estimates(cfg, chips: int, chip: dict, peak: float, report: dict) -> dict:
     hlo = report["hlo_flops_per_chip"]
     unestimated = (model_flops["attention"] + model_flops["gdn"]) * tokens / chips if hlo["kernels_without_estimate"] \
         else 0.0
-    compute_s = (hlo["flops"] + unestimated) / peak
+    # Every chip holds its own tokens (the batch is split over all of them): the expert-parallel exchange's buffer.
+    n, k, E = report["mesh"].get("expert", 1), cfg.model.num_experts_per_tok, cfg.model.num_experts
+    capacity = exchange_capacity(tokens // chips, k, n, E // n, cfg.execution.moe_capacity_factor)
+    real_rows = (tokens // chips) * k / (n * capacity) if n > 1 else 1.0
+    compute_flops = hlo["flops"] - hlo["grouped_matmul_flops"] * (1 - real_rows) + unestimated
+    compute_s = compute_flops / peak
     collective_s = sum(report["collectives_per_chip"]["bytes"].values()) / chip["ici_bytes_per_s"]
     serial, overlapped = compute_s + collective_s, max(compute_s, collective_s)
     step_flops = model_flops["total"] * tokens
     return {"model": ESTIMATE_MODEL, "peak_flops_per_chip": peak, "ici_bytes_per_s_per_chip": chip["ici_bytes_per_s"],
             "model_flops_per_token": model_flops, "model_flops_per_step": step_flops,
-            "kernel_flops_from_the_model": unestimated, "compute_s": compute_s, "collective_s": collective_s,
+            "grouped_matmul_real_row_share": real_rows, "kernel_flops_from_the_model": unestimated,
+            "compute_flops": compute_flops, "compute_s": compute_s, "collective_s": collective_s,
             "step_s_serial": serial, "step_s_overlapped": overlapped,
             "mfu_serial": step_flops / (chips * peak * serial),
             "mfu_overlapped": step_flops / (chips * peak * overlapped),
@@ -132,6 +141,7 @@ def summary(r: dict) -> str:
         + f"; total (aliased counted once) {gib(m['total'])} of {gib(m['hbm'])} HBM: "
         + ("FITS" if m["fits"] else "DOES NOT FIT"),
         f"  FLOPs per chip: {f['flops'] / 1e12:.1f} TFLOP (dots, convolutions, kernels; loop trips included; "
+        f"{f['grouped_matmul_flops'] / 1e12:.1f} of them grouped matmuls over whole buffers; "
         f"{f['kernels_without_estimate']} kernel calls without a cost estimate, not in it); XLA cost_analysis "
         f"(loop bodies once): {r['xla_cost_analysis']['flops'] / 1e12:.2f} TFLOP, "
         f"{r['xla_cost_analysis']['bytes_accessed'] / GiB:.1f} GiB accessed",
@@ -140,8 +150,9 @@ def summary(r: dict) -> str:
         + f"; total {gib(sum(c['bytes'].values()))}"
         + (f"; {c['loops_without_trip_count']} loops of unknown trips counted once"
            if c["loops_without_trip_count"] else ""),
-        f"  ESTIMATES: compute {e['compute_s']:.3f} s (with {e['kernel_flops_from_the_model'] / 1e12:.2f} TFLOP of "
-        f"kernels without an estimate, from the model) + collectives {e['collective_s']:.3f} s = step "
+        f"  ESTIMATES: compute {e['compute_flops'] / 1e12:.1f} TFLOP (grouped matmuls at "
+        f"{e['grouped_matmul_real_row_share']:.3f} of their estimate, {e['kernel_flops_from_the_model'] / 1e12:.2f} "
+        f"TFLOP of kernels without an estimate from the model) = {e['compute_s']:.3f} s + collectives {e['collective_s']:.3f} s = step "
         f"{e['step_s_serial']:.3f} s (serial), MFU {e['mfu_serial']:.1%}; overlapped {e['step_s_overlapped']:.3f} "
         f"s, MFU {e['mfu_overlapped']:.1%}; model {e['model_flops_per_token']['total'] / 1e9:.2f} GFLOP/token, "
         f"peak {e['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s, ICI {e['ici_bytes_per_s_per_chip'] / 1e9:.0f} GB/s "

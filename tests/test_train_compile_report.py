@@ -58,8 +58,8 @@ def test_hlo_opcodes_not_names():
 
 def test_collective_bytes_count_loop_trips_and_whole_buffers():
     """Per collective the larger of what it reads and writes (operand shapes from their definitions or inline; an
-    async start's echo of its operand left out; a ragged-all-to-all's input, not its output buffer), times the trips
-    of the loops it runs in, nested loops multiplied."""
+    async start's echo of its operand left out; for a ragged-all-to-all the smaller of its input and its result),
+    times the trips of the loops it runs in, nested loops multiplied."""
     hlo = """
 %inner (p: f32[8]) -> f32[8] {
   %p = f32[8]{0} parameter(0)
@@ -88,5 +88,5 @@ ENTRY %main (a: bf16[4,16]) -> f32[8] {
     assert report["executed"] == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 3, "reduce-scatter": 15,
                                   "ragged-all-to-all": 1, "all-reduce": 1}
     assert report["bytes"] == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 3 * 32, "reduce-scatter": 15 * 32,
-                               "ragged-all-to-all": 64 * 16 * 2, "all-reduce": 12 + 8}
+                               "ragged-all-to-all": 4 * 16 * 2, "all-reduce": 12 + 8}
     assert report["loops_without_trip_count"] == 1

@@ -176,8 +176,8 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
     """What the collectives of one execution of an optimised HLO module move, per device:
     - `bytes` {kind: bytes}: per collective instruction the larger of its operands' and its results' bytes (the
       whole buffer it reads or writes: an all-gather's result, a reduce-scatter's operand; the echo of the operands
-      in an asynchronous *-start's result tuple is not counted, nor a ragged-all-to-all's output buffer operand),
-      times the times it runs (loop trips, _walk);
+      in an asynchronous *-start's result tuple is not counted), for a ragged-all-to-all the smaller of its input
+      and its result; times the times it runs (loop trips, _walk);
     - `executed` {kind: instructions run};
     - `loops_without_trip_count`: while loops whose trips are unknown, counted as one trip.
     These are buffer sizes, not bytes on the wire (a ring all-gather over n devices sends (n - 1) / n of its
@@ -188,12 +188,17 @@ def collective_bytes(hlo_text: str) -> dict[str, Any]:
         kind = ins.opcode.removesuffix("-start")
         if kind not in COLLECTIVES:
             continue
-        operands = ins.operands[:1] if kind == "ragged-all-to-all" else ins.operands  # (input, output, sizes)
-        operand_bytes = sum(map(_bytes, operands))
-        result_bytes = _bytes(ins.shape)
-        if ins.opcode.endswith("-start") and ins.shape.startswith("("):
-            result_bytes -= operand_bytes
-        moved[kind] += runs(ins.computation) * max(operand_bytes, result_bytes)
+        if kind == "ragged-all-to-all":
+            # (input, output buffer, offsets, sizes): it sends at most its input and receives at most its result,
+            # and one of them is a dropless exchange's padded buffer, mostly empty.
+            size = min(_bytes(ins.operands[0]), _bytes(ins.shape))
+        else:
+            operand_bytes = sum(map(_bytes, ins.operands))
+            result_bytes = _bytes(ins.shape)
+            if ins.opcode.endswith("-start") and ins.shape.startswith("("):
+                result_bytes -= operand_bytes
+            size = max(operand_bytes, result_bytes)
+        moved[kind] += runs(ins.computation) * size
         executed[kind] += runs(ins.computation)
     return {"bytes": moved, "executed": executed, "loops_without_trip_count": unknown}
 
@@ -204,10 +209,12 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
     `cost_estimate`):
     - `flops`: counting the times each runs (loop trips, _walk);
     - `flops_once`: counting each once (as XLA's cost_analysis counts a loop's body);
+    - `grouped_matmul_flops`: the part of `flops` in the kernels of jax.lax.ragged_dot, whose estimates count every
+      row of their operands (rows past the groups included);
     - `kernels_without_estimate`: kernel instructions that give none (not counted), and `loops_without_trip_count`.
     Elementwise work is not counted."""
     instructions, runs, unknown = _walk(hlo_text)
-    total = once = blind = 0
+    total = once = blind = grouped = 0
     for ins in instructions:
         out = math.prod(_dims(ins.shape))
         if ins.opcode == "dot":
@@ -225,8 +232,11 @@ def hlo_flops(hlo_text: str) -> dict[str, Any]:
             estimate = re.search(r'"cost_estimate":\{"flops":"(\d+)"', ins.line)
             blind += estimate is None
             flops = int(estimate.group(1)) if estimate else 0
+            grouped += flops * runs(ins.computation) if 'op_name="ragged-dot' in ins.line or "/ragged_dot" in ins.line \
+                else 0
         else:
             continue
         once += flops
         total += flops * runs(ins.computation)
-    return {"flops": total, "flops_once": once, "kernels_without_estimate": blind, "loops_without_trip_count": unknown}
+    return {"flops": total, "flops_once": once, "grouped_matmul_flops": grouped, "kernels_without_estimate": blind,
+            "loops_without_trip_count": unknown}
