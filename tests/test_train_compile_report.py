@@ -90,3 +90,39 @@ ENTRY %main (a: bf16[4,16]) -> f32[8] {
     assert report["bytes"] == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 3 * 32, "reduce-scatter": 15 * 32,
                                "ragged-all-to-all": 4 * 16 * 2, "all-reduce": 12 + 8}
     assert report["loops_without_trip_count"] == 1
+
+
+def test_hlo_flops_count_dots_convolutions_kernels_and_loop_trips():
+    """2 FLOPs per multiply-add of a dot (its contracting dims) and of a convolution (the kernel less its output
+    features), a kernel's own cost estimate, each times its loop's trips: XLA's known trip count or, without one,
+    the bound of the loop condition's `i < constant`."""
+    hlo = """
+%cond (c: (s32[], f32[8,4])) -> pred[] {
+  %c = (s32[], f32[8,4]{1,0}) parameter(0)
+  %n = s32[]{:T(128)} constant(6)
+  %i = s32[] get-tuple-element(%c), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (b: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %b = (s32[], f32[8,4]{1,0}) parameter(0)
+  %x = f32[8,4]{1,0} get-tuple-element(%b), index=1
+  %w = bf16[4,4]{1,0:T(8,128)(2,1)} constant({...})
+  %conv = f32[8,4]{1,0} convolution(%x, %w), dim_labels=bf_io->bf
+  %gmm = f32[8,4]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", metadata={op_name="ragged-dot-none"}, backend_config={"custom_call_config":{"cost_estimate":{"flops":"100","bytes_accessed":"1"}}}
+  %pallas = f32[8,4]{1,0} custom-call(%x), custom_call_target="tpu_custom_call"
+}
+
+ENTRY %main (a: f32[2,3,5]) -> f32[2,3,7] {
+  %a = f32[2,3,5]{2,1,0} parameter(0)
+  %m = f32[5,7]{1,0} parameter(1)
+  %d = f32[2,3,7]{2,1,0} dot(%a, %m), lhs_contracting_dims={2}, rhs_contracting_dims={0}
+  %loop = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body
+}
+"""
+    from qwen3next_train.compile_report import hlo_flops
+
+    dot, conv, gmm = 2 * 2 * 3 * 7 * 5, 2 * 8 * 4 * 4, 100
+    assert hlo_flops(hlo) == {"flops": dot + 6 * (conv + gmm), "flops_once": dot + conv + gmm,
+                              "grouped_matmul_flops": 6 * gmm, "kernels_without_estimate": 1,
+                              "loops_without_trip_count": 0}
