@@ -31,7 +31,6 @@ from qwen3next_kernels.registry import Platform
 from qwen3next_train.compile_report import count_collectives
 
 
-
 def compile_moe_layer(topology: str, expert: int, tokens_per_chip: int, capacity_factor: float = 0.0,
                       exchange: str = "auto", **cfg_overrides):
     """(compiled step, the layer's resolved kernels) for the 80B-A3B MoE layer with `cfg_overrides`."""
