@@ -8,10 +8,8 @@ compute over fp32 weights, the tokens split over every chip (data x expert), the
 writes <out>/moe_ep_aot.json. tests/test_moe_parallel.py compiles a narrow variant through compile_moe_layer.
 """
 import argparse
-import collections
 import json
 import os
-import re
 import sys
 import time
 
@@ -30,9 +28,7 @@ from qwen3next_jax.execution import Execution
 from qwen3next_jax.interface import Context
 from qwen3next_jax.moe import SparseMoE
 from qwen3next_kernels.registry import Platform
-
-COLLECTIVE_OP = re.compile(r"= \S+ ((?:ragged-)?all-to-all|all-gather|all-reduce|reduce-scatter|collective-permute)"
-                           r"(?:-start)?\(")
+from qwen3next_train.compile_report import count_collectives
 
 
 def compile_moe_layer(topology: str, expert: int, tokens_per_chip: int, capacity_factor: float = 0.0,
@@ -64,7 +60,8 @@ def compile_moe_layer(topology: str, expert: int, tokens_per_chip: int, capacity
 
 
 def collective_counts(hlo: str) -> dict[str, int]:
-    return dict(collections.Counter(m.group(1) for m in COLLECTIVE_OP.finditer(hlo)))
+    """The collective kinds the step holds, by count (those it does not hold left out)."""
+    return {kind: n for kind, n in count_collectives(hlo).items() if n}
 
 
 def main():

@@ -88,7 +88,7 @@ def _report(run, cfg, mesh_shape) -> dict:
 
     report = compile_report(run.step_fn)
     return {"compiled_memory": report["memory"], "collectives": report["collectives"],
-            "collective_bytes": collective_bytes(run.step_fn.as_text()),
+            "collective_bytes": collective_bytes(run.step_fn.as_text())["bytes"],
             "predicted_memory": predict_memory(cfg, mesh_shape)}
 
 

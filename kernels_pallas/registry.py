@@ -51,6 +51,20 @@ class Platform:
         return self.backend == "gpu" and any(kind in self.device_kind for kind in HOPPER_KINDS)
 
 
+def traced_backend() -> str:
+    """The backend the computation being traced is for: the platform of the context mesh's devices (`jax.set_mesh`;
+    inside `shard_map`, its mesh), else jax.default_backend(). They differ when a CPU host traces for TPU chips
+    (ahead-of-time compilation on a libtpu topology): a kernel that asked default_backend() would run in the Pallas
+    interpreter there, a loop of XLA ops instead of the Mosaic kernel the chips will run."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return jax.default_backend() if device is None else device.platform
+
+
+def interpret_pallas_tpu() -> bool:
+    """Whether a Pallas TPU kernel traced now runs in the interpreter: only when it is not traced for TPU chips."""
+    return traced_backend() != "tpu"
+
+
 @dataclasses.dataclass(frozen=True)
 class Impl:
     name: str

@@ -6,6 +6,8 @@ The parameter tree mirrors the Hugging Face checkpoint (`model.embed_tokens`, `m
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -18,6 +20,7 @@ from qwen3next_jax.layers import Embed, Linear
 from qwen3next_jax.mtp import MultiTokenPrediction
 from qwen3next_jax.norms import RMSNorm
 from qwen3next_jax.rope import rope_tables
+from qwen3next_jax.sharding import per_shard
 from qwen3next_kernels.registry import FAMILIES, Platform
 
 
@@ -88,10 +91,18 @@ class Qwen3NextForCausalLM(nnx.Module):
 
     def cross_entropy(self, hidden: jax.Array, targets: jax.Array, chunk_tokens: int = 2048):
         """Per-token (cross entropy, logsumexp) of the LM head on hidden [B, T, D] against targets [B, T], both
-        fp32 [B, T], through the registry's "loss" family (chunk_tokens bounds the chunked form's fp32 logits)."""
-        linear_cross_entropy = FAMILIES["loss"].function(self.kernels["loss"])
-        return linear_cross_entropy(hidden.astype(self.dtype), self.lm_head_weight(), targets,
-                                    chunk_tokens=chunk_tokens)
+        fp32 [B, T], through the registry's "loss" family (chunk_tokens bounds the chunked form's fp32 logits on
+        each device).
+
+        Under a mesh it runs per shard of the batch and the sequence, with the head's weight whole on every device
+        (gathered like any FSDP weight): the chunked form flattens the tokens into chunks, and XLA, partitioning
+        that, had every device form the whole batch's logits in the forward pass. With a tensor axis each of its
+        devices computes the same rows over the whole vocabulary (the loss family does not split the vocabulary)."""
+        linear_cross_entropy = functools.partial(FAMILIES["loss"].function(self.kernels["loss"]),
+                                                 chunk_tokens=chunk_tokens)
+        tokens = ("batch", "seq")
+        return per_shard(linear_cross_entropy, in_axes=(tokens + (None,), (None, None), tokens),
+                         out_axes=(tokens, tokens))(hidden.astype(self.dtype), self.lm_head_weight(), targets)
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """input_ids [B, T] -> logits [B, T, V]."""

@@ -139,8 +139,9 @@ def test_supports():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Ahead-of-time compilation for TPU chips (needs libtpu; no TPU). The kernels are lowered with interpret=False inside
-# shard_map over the batch (Mosaic kernels cannot be partitioned automatically).
+# Ahead-of-time compilation for TPU chips (needs libtpu; no TPU). The kernels are lowered inside shard_map over the
+# batch (Mosaic kernels cannot be partitioned automatically), with interpret left to its default: the mesh's TPU
+# devices, not the CPU host, decide it (registry.interpret_pallas_tpu).
 
 # Several processes on one host (pytest-xdist, a neighbour's tests) would otherwise fight over libtpu's lock file.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -157,7 +158,7 @@ def compile_for_tpu(topology, B_per_chip, T, H, HV, K, V, dtype, chunk_size=64):
 
     def loss(q, k, v, g, beta, h0, segment_ids):
         o, state = pallas_tpu.gated_delta_rule(q, k, v, g, beta, initial_state=h0, segment_ids=segment_ids,
-                                               chunk_size=chunk_size, interpret=False)
+                                               chunk_size=chunk_size)
         return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(state**2)
 
     def step(*args):  # per chip: the loss and the gradients of every float input
@@ -170,8 +171,9 @@ def compile_for_tpu(topology, B_per_chip, T, H, HV, K, V, dtype, chunk_size=64):
     compiled = f.lower(arg((B, T, H, K), dtype), arg((B, T, H, K), dtype), arg((B, T, HV, V), dtype),
                        arg((B, T, HV), jnp.float32), arg((B, T, HV), dtype), arg((B, HV, K, V), jnp.float32),
                        arg((B, T), jnp.int32)).compile()
-    # Forward, the backward's state recompute and the backward: three Mosaic kernels.
-    assert compiled.as_text().count("tpu_custom_call") == 3
+    # Forward, the backward's state recompute and the backward: three Mosaic kernels, and no interpreter's loop.
+    hlo = compiled.as_text()
+    assert hlo.count("tpu_custom_call") == 3 and " while(" not in hlo
     return compiled.memory_analysis()
 
 
@@ -181,6 +183,30 @@ def compile_for_tpu(topology, B_per_chip, T, H, HV, K, V, dtype, chunk_size=64):
 def test_aot_compiles_for_tpu_at_qwen3_next_shapes(topology):
     memory = compile_for_tpu(topology, B_per_chip=1, T=4096, H=16, HV=32, K=128, V=128, dtype=jnp.bfloat16)
     assert memory.temp_size_in_bytes < 1 << 30
+
+
+def test_interpret_only_when_not_traced_for_tpu():
+    """The Pallas TPU kernels' default: the platform of the mesh a computation is traced for, not the host's."""
+    pytest.importorskip("libtpu")
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, PartitionSpec as P
+    from qwen3next_kernels.registry import interpret_pallas_tpu, traced_backend
+
+    seen = []
+
+    def record(x):
+        seen.append((traced_backend(), interpret_pallas_tpu()))
+        return x
+
+    tpu = Mesh(np.array(topologies.get_topology_desc("v5p:2x2x1", "tpu").devices), ("data",))
+    cpu = Mesh(np.array(jax.devices()[:4]), ("data",))
+    x = jax.ShapeDtypeStruct((4,), jnp.float32)
+    jax.jit(record).trace(x)                                              # no mesh: the host's backend
+    for mesh in (tpu, cpu):
+        with jax.set_mesh(mesh):
+            jax.jit(record).trace(x)
+        jax.jit(jax.shard_map(record, mesh=mesh, in_specs=P("data"), out_specs=P("data"))).trace(x)
+    assert seen == [("cpu", True), ("tpu", False), ("tpu", False), ("cpu", True), ("cpu", True)]
 
 
 @pytest.mark.parametrize("topology,K,V,dtype,chunk_size", [

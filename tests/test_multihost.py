@@ -180,7 +180,6 @@ def test_multislice_mesh_puts_each_slice_on_its_share_of_the_data_axis():
     """Two TPU v5p slices of 4 chips (ahead-of-time devices: libtpu, no TPU): mesh.slices=2 gives each slice one row
     of the data axis and the whole fsdp axis; inside a slice the chips follow the physical torus, not their ids."""
     pytest.importorskip("libtpu")
-    import numpy as np
     from jax.experimental import topologies
 
     from qwen3next_jax.sharding import make_mesh

@@ -54,3 +54,75 @@ def test_hlo_opcodes_not_names():
     """
     counts = count_collectives(hlo)
     assert counts == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 1, "ragged-all-to-all": 1}
+
+
+def test_collective_bytes_count_loop_trips_and_whole_buffers():
+    """Per collective the larger of what it reads and writes (operand shapes from their definitions or inline; an
+    async start's echo of its operand left out; for a ragged-all-to-all the smaller of its input and its result),
+    times the trips of the loops it runs in, nested loops multiplied."""
+    hlo = """
+%inner (p: f32[8]) -> f32[8] {
+  %p = f32[8]{0} parameter(0)
+  ROOT %rs = f32[2]{0} reduce-scatter(%p), dimensions={0}, to_apply=%add
+}
+
+%body (t: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %t = (s32[], f32[8]{0}) parameter(0)
+  %x = f32[8]{0:T(128)} get-tuple-element(%t), index=1
+  %ag = (f32[2]{0:T(128)}, f32[8]{0:T(128)}) all-gather-start(f32[2]{0:T(128)} %y), dimensions={0}
+  %w = f32[8]{0} while(%t), condition=%cond, body=%inner, backend_config={"known_trip_count":{"n":"5"}}
+}
+
+ENTRY %main (a: bf16[4,16]) -> f32[8] {
+  %a = bf16[4,16]{1,0} parameter(0)
+  %buf = bf16[64,16]{1,0} broadcast(%z)
+  %r = bf16[64,16]{1,0} ragged-all-to-all(%a, %buf, %o, %s, %o2, %s2), channel_id=1
+  %ar = (f32[3]{0}, bf16[2,2]{1,0}) all-reduce(%u, %v), to_apply=%add
+  %loop = (s32[], f32[8]) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %open = (s32[], f32[8]) while(%init), condition=%cond, body=%cond
+}
+"""
+    from qwen3next_train.compile_report import collective_bytes
+
+    report = collective_bytes(hlo)
+    assert report["executed"] == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 3, "reduce-scatter": 15,
+                                  "ragged-all-to-all": 1, "all-reduce": 1}
+    assert report["bytes"] == {**dict.fromkeys(COLLECTIVES, 0), "all-gather": 3 * 32, "reduce-scatter": 15 * 32,
+                               "ragged-all-to-all": 4 * 16 * 2, "all-reduce": 12 + 8}
+    assert report["loops_without_trip_count"] == 1
+
+
+def test_hlo_flops_count_dots_convolutions_kernels_and_loop_trips():
+    """2 FLOPs per multiply-add of a dot (its contracting dims) and of a convolution (the kernel less its output
+    features), a kernel's own cost estimate, each times its loop's trips: XLA's known trip count or, without one,
+    the bound of the loop condition's `i < constant`."""
+    hlo = """
+%cond (c: (s32[], f32[8,4])) -> pred[] {
+  %c = (s32[], f32[8,4]{1,0}) parameter(0)
+  %n = s32[]{:T(128)} constant(6)
+  %i = s32[] get-tuple-element(%c), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (b: (s32[], f32[8,4])) -> (s32[], f32[8,4]) {
+  %b = (s32[], f32[8,4]{1,0}) parameter(0)
+  %x = f32[8,4]{1,0} get-tuple-element(%b), index=1
+  %w = bf16[4,4]{1,0:T(8,128)(2,1)} constant({...})
+  %conv = f32[8,4]{1,0} convolution(%x, %w), dim_labels=bf_io->bf
+  %gmm = f32[8,4]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", metadata={op_name="ragged-dot-none"}, backend_config={"custom_call_config":{"cost_estimate":{"flops":"100","bytes_accessed":"1"}}}
+  %pallas = f32[8,4]{1,0} custom-call(%x), custom_call_target="tpu_custom_call"
+}
+
+ENTRY %main (a: f32[2,3,5]) -> f32[2,3,7] {
+  %a = f32[2,3,5]{2,1,0} parameter(0)
+  %m = f32[5,7]{1,0} parameter(1)
+  %d = f32[2,3,7]{2,1,0} dot(%a, %m), lhs_contracting_dims={2}, rhs_contracting_dims={0}
+  %loop = (s32[], f32[8,4]) while(%init), condition=%cond, body=%body
+}
+"""
+    from qwen3next_train.compile_report import hlo_flops
+
+    dot, conv, gmm = 2 * 2 * 3 * 7 * 5, 2 * 8 * 4 * 4, 100
+    assert hlo_flops(hlo) == {"flops": dot + 6 * (conv + gmm), "flops_once": dot + conv + gmm,
+                              "grouped_matmul_flops": 6 * gmm, "kernels_without_estimate": 1,
+                              "loops_without_trip_count": 0}

@@ -137,10 +137,11 @@ def validation_loss(eval_fn, params, val_ds, n_batches: int, sharding, mtp_depth
 
 # ------------------------------------------------------------------------------------------------------ setup
 
-def make_mesh(cfg: TrainConfig):
-    """The device mesh; a layout the devices cannot form, or a batch it cannot split, is a ConfigError."""
+def make_mesh(cfg: TrainConfig, devices=None):
+    """The device mesh over `devices` (default: all processes' devices); a layout the devices cannot form, or a
+    batch it cannot split, is a ConfigError."""
     try:
-        mesh = shd.make_mesh(**dataclasses.asdict(cfg.mesh))  # all processes' devices
+        mesh = shd.make_mesh(devices, **dataclasses.asdict(cfg.mesh))
     except ValueError as e:
         raise ConfigError(f"mesh: {e}") from None
     shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
@@ -206,6 +207,47 @@ def config_text(cfg: TrainConfig, kernels: dict[str, dict[str, str]]) -> str:
     return "\n".join(lines + [f"#   {site}" for site in _sites(kernels)]) + "\n" + cfg.to_yaml()
 
 
+@dataclasses.dataclass(frozen=True)
+class AbstractTraining:
+    """The model and the train state as shapes and shardings on a mesh, before any value exists."""
+    model: Qwen3NextForCausalLM  # from nnx.eval_shape: its kernels resolved, no parameter values
+    graphdef: Any
+    rest: nnx.State  # the model's non-parameter state
+    tx: optax.GradientTransformation
+    shardings: TrainState
+    state: TrainState  # ShapeDtypeStructs carrying `shardings`
+
+
+def abstract_training(cfg: TrainConfig, mesh, platform: Platform | None = None) -> AbstractTraining:
+    """platform: the one the model's kernels are resolved for; default the running one (Platform.current()),
+    another to compile ahead of time for other chips."""
+    model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(
+        cfg.model, rngs=nnx.Rngs(cfg.train.seed), execution=cfg.execution, platform=platform))
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = make_optimizer(cfg.optim, cfg.train.steps)
+    shardings = state_shardings(shd.state_shardings(params, mesh), tx, params, mesh)
+    return AbstractTraining(model, graphdef, rest, tx, shardings, abstract_state(tx, params, shardings))
+
+
+def make_batch_sharding(cfg: TrainConfig, mesh) -> NamedSharding:
+    return NamedSharding(mesh, shd.logical_to_spec(("batch", "seq"), (cfg.data.batch_size, cfg.data.seq_len), mesh))
+
+
+def lower_train_step(cfg: TrainConfig, mesh, a: AbstractTraining) -> jax.stages.Lowered:
+    """The train step jitted with its shardings (the state donated) and lowered for a batch of cfg's shape: what
+    setup compiles, and what scripts/aot_compile.py compiles for TPU topologies from a CPU host."""
+    batch_sharding = make_batch_sharding(cfg, mesh)
+    step_jit = jax.jit(make_train_step(a.graphdef, a.rest, a.tx, cfg, schedule(cfg.optim, cfg.train.steps)),
+                       in_shardings=(a.shardings, batch_sharding),
+                       out_shardings=(a.shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+    batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32, sharding=batch_sharding)
+             for k in BATCH_KEYS}
+    # Traced with the mesh in context, so the kernels run per shard (sharding.per_shard) and the Pallas TPU
+    # kernels see which chips they are traced for (registry.interpret_pallas_tpu).
+    with jax.set_mesh(mesh):
+        return step_jit.lower(a.state, batch)
+
+
 @dataclasses.dataclass
 class Run:
     """A run ready to train: what setup() made, what loop() needs."""
@@ -236,55 +278,42 @@ def setup(cfg: TrainConfig) -> Run:
                           f"{cfg.model.vocab_size}")
     train_ds, val_ds = train_and_val(cfg.data, tokenizer)
 
-    abstract_model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(
-        cfg.model, rngs=nnx.Rngs(cfg.train.seed), execution=cfg.execution))
-    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
-    tx = make_optimizer(cfg.optim, cfg.train.steps)
-    shardings = state_shardings(shd.state_shardings(abstract_params, mesh), tx, abstract_params, mesh)
-    abstract = abstract_state(tx, abstract_params, shardings)
+    a = abstract_training(cfg, mesh)
 
     ckpt = Checkpoints(run_dir / "checkpoints", cfg.checkpoint)
     train_iter = None
     try:
-        restored = resume(cfg, ckpt, abstract, lambda: iter(train_ds))
+        restored = resume(cfg, ckpt, a.state, lambda: iter(train_ds))
         if restored is not None:
             state, start, train_iter = restored.state, restored.step, restored.data_iter
             log.info("resumed from step %d", start)
         else:
-            state, start = init_state(initial_params(cfg, mesh), tx, cfg.train.seed, shardings), 0
+            state, start = init_state(initial_params(cfg, mesh), a.tx, cfg.train.seed, a.shardings), 0
             train_iter = iter(train_ds)
 
         if lead:
-            kernels = resolved_kernels(abstract_model)
+            kernels = resolved_kernels(a.model)
             log.info("kernels (call sites per implementation): %s", "; ".join(
                 f"{family}: " + ", ".join(f"{impl} x{n}" for impl, n in impls.items())
-                for family, impls in kernel_summary(abstract_model).items()))
+                for family, impls in kernel_summary(a.model).items()))
             log.info("kernels per call site: %s", "; ".join(_sites(kernels)))
             kept = rundir.write_versioned(run_dir / "config.yaml", config_text(cfg, kernels))
             if kept:
                 log.info("config.yaml changed; the earlier one is kept as %s", kept.name)
 
         replicated = NamedSharding(mesh, P())
-        batch_sharding = NamedSharding(mesh, shd.logical_to_spec(
-            ("batch", "seq"), (cfg.data.batch_size, cfg.data.seq_len), mesh))
+        batch_sharding = make_batch_sharding(cfg, mesh)
         step_fn = eval_fn = None
         if start < cfg.train.steps:
-            step_jit = jax.jit(make_train_step(graphdef, rest, tx, cfg, schedule(cfg.optim, cfg.train.steps)),
-                               in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                               donate_argnums=(0,))
-            batch = {k: jax.ShapeDtypeStruct((cfg.data.batch_size, cfg.data.seq_len), jnp.int32,
-                                             sharding=batch_sharding) for k in BATCH_KEYS}
-            # Traced with the mesh in context, so the Gated DeltaNet kernels run per shard (sharding.per_shard).
             t0 = time.perf_counter()
-            with jax.set_mesh(mesh):
-                lowered = step_jit.lower(abstract, batch)
+            lowered = lower_train_step(cfg, mesh, a)
             t1 = time.perf_counter()
             step_fn = lowered.compile()
             if lead:
-                log.info("train step traced in %.1f s, compiled in %.1f s: %s", t1 - t0, time.perf_counter() - t1,
+                log.info("train step compiled in %.1f s (traced in %.1f s): %s", time.perf_counter() - t1, t1 - t0,
                          format_compile_report(compile_report(step_fn)))
-            eval_fn = shd.in_mesh(mesh, jax.jit(make_eval_step(graphdef, rest, cfg), out_shardings=replicated,
-                                                in_shardings=(shardings.params, batch_sharding)))
+            eval_fn = shd.in_mesh(mesh, jax.jit(make_eval_step(a.graphdef, a.rest, cfg), out_shardings=replicated,
+                                                in_shardings=(a.shardings.params, batch_sharding)))
         metrics_log = MetricsLog(run_dir, resume_step=start, writer=lead)
     except BaseException:
         ckpt.close()

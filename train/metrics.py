@@ -33,6 +33,7 @@ from qwen3next_train import rundir
 PEAK_BF16 = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12,
     "TPU v6": 918e12, "TPU v5p": 459e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v4": 275e12,
+    "TPU v5": 459e12,  # v5p chips call themselves "TPU v5": after "TPU v5 lite", which it would also match
 }
 
 

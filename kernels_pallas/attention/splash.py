@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen3next_kernels.attention import reference
+from qwen3next_kernels.registry import interpret_pallas_tpu
 
 BLOCK = 128
 
@@ -34,7 +35,8 @@ def _kernel(heads: int, length: int, interpret: bool):
 
 
 def attention(q, k, v, segment_ids=None, *, scale, q_offset=0, kv_segment_ids=None, interpret=None):
-    """interpret: run the kernels in the Pallas interpreter; default: off a TPU (CPU tests)."""
+    """interpret: run the kernels in the Pallas interpreter; default: when not traced for TPU chips
+    (registry.interpret_pallas_tpu: CPU tests)."""
     if not (isinstance(q_offset, int) and q_offset == 0) or kv_segment_ids is not None or q.shape[1] != k.shape[1]:
         return reference.attention(q, k, v, segment_ids, scale=scale, q_offset=q_offset,
                                    kv_segment_ids=kv_segment_ids)
@@ -48,7 +50,7 @@ def attention(q, k, v, segment_ids=None, *, scale, q_offset=0, kv_segment_ids=No
     seg = pad(jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32))   # [B, Tp]
     qg = pad((q * jnp.asarray(scale, q.dtype)).reshape(B, T, KV, r, hd)).transpose(0, 2, 3, 1, 4)   # [B,KV,r,Tp,hd]
     kg, vg = (pad(x).transpose(0, 2, 1, 3) for x in (k, v))                                           # [B,KV,Tp,hd]
-    kernel = _kernel(r, Tp, jax.default_backend() != "tpu" if interpret is None else interpret)
+    kernel = _kernel(r, Tp, interpret_pallas_tpu() if interpret is None else interpret)
 
     def one(q_h, k_h, v_h, seg_b):  # q_h [r, Tp, hd], k_h and v_h [Tp, hd], seg_b [Tp]
         return kernel(q_h, k_h, v_h, segment_ids=SegmentIds(q=seg_b, kv=seg_b))

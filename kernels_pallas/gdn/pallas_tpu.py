@@ -49,6 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from qwen3next_kernels.gdn.reference import document_starts
+from qwen3next_kernels.registry import interpret_pallas_tpu
 
 HIGHEST = jax.lax.Precision.HIGHEST
 NORM_EPS = 1e-6
@@ -464,13 +465,14 @@ def supports(platform, site):
 def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, segment_ids=None, use_qk_l2norm=True, scale=None,
                      chunk_size=64, interpret=None):
     """The dispatch's gated_delta_rule on Mosaic TPU. interpret: run the kernels in the Pallas interpreter;
-    default True off TPU (CPU tests). Pass False to lower for TPU from a CPU host (AOT compilation)."""
+    default: when not traced for TPU chips (registry.interpret_pallas_tpu: CPU tests interpret, an ahead-of-time
+    compile for a TPU topology from a CPU host lowers through Mosaic)."""
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
     if chunk_size < 2 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two; got {chunk_size}")
     if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+        interpret = interpret_pallas_tpu()
     fp32 = v.dtype == jnp.float32
     cfg = Config(chunk=chunk_size, group=HV // H, use_qk_l2norm=use_qk_l2norm,
                  scale=float(K**-0.5 if scale is None else scale),
