@@ -1,5 +1,5 @@
 """scripts/aot_compile.py on one full-width 3:1 block of the 80B-A3B (4 layers: three Gated DeltaNet, one attention,
-all MoE, and the MTP layer), its whole train step compiled ahead of time for 4 TPU v5p chips with FSDP and expert
+all MoE; the MTP layer left out to keep CI short), its whole train step compiled ahead of time for 4 TPU v5p chips with FSDP and expert
 parallelism from this CPU host (libtpu; no TPU), after a topology that fails, which is reported and passed over."""
 import json
 import os
@@ -19,12 +19,12 @@ def test_one_full_width_block_compiles_for_v5p(tmp_path):
     # 4 rows do not split over v5p:2x2x2's 8 chips (a config error in place of a compile failure, which takes
     # minutes to provoke); v5p:2x2x1 then compiles.
     aot_compile.main(["--topology", "v5p:2x2x2", "--topology", "v5p:2x2x1", "--layers", "4", "--batch", "4",
-                      "--seq-len", "512", "--set", "mesh.expert=2", "--out", str(out)])
+                      "--seq-len", "512", "--set", "mesh.expert=2", "--set", "model.mtp_num_hidden_layers=0", "--out", str(out)])
     failed, report = json.loads(out.read_text())["topologies"]
     assert failed["topology"] == "v5p:2x2x2" and "do not split" in failed["error"]
     assert report["mesh"] == {"fsdp": 2, "expert": 2} and report["layers"] == 4
-    assert report["kernels"]["gdn"] == {"pallas_tpu": 3} and report["kernels"]["attention"] == {"splash": 2}
-    assert report["kernels"]["moe"] == {"ragged_dot": 5} and report["kernels"]["exchange"] == {"ragged": 5}
+    assert report["kernels"]["gdn"] == {"pallas_tpu": 3} and report["kernels"]["attention"] == {"splash": 1}
+    assert report["kernels"]["moe"] == {"ragged_dot": 4} and report["kernels"]["exchange"] == {"ragged": 4}
     memory = report["memory_per_chip"]
     assert min(memory[k] for k in ("arguments", "outputs", "temporaries", "code", "total")) > 0
     assert memory["fits"] == (memory["total"] <= memory["hbm"] == 95 * 2 ** 30)
