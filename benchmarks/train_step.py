@@ -10,6 +10,11 @@ accumulates within a process). Writes $OUT/train_step.json (OUT defaults to /tmp
 
     python benchmarks/train_step.py --shapes 8x2048,2x8192 --rows packed,single [section.field=value ...]
 
+`--profile N` also traces N steps with `jax.profiler` and attributes the device time of every kernel to a part of the
+model through the JAX name stack of the HLO op that launched it: the named scopes of decoder.py, model.py and the
+trainer's step (`moe`, `mlp`, `gated_deltanet`, `attention`, `lm_head_loss`, `embed`, `mtp`, `optimizer`; the
+innermost wins, so the MTP layer's MoE counts as `moe`), split into forward, backward and rematerialised forward.
+
 Compilation happens in setup(); its time is reported as `setup_s` (compiling the bench-1p3b step on an H200 takes
 minutes: give the command room).
 """
@@ -17,8 +22,10 @@ minutes: give the command room).
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -78,6 +85,69 @@ def peak_gib() -> float:
     return max((d.memory_stats() or {}).get("peak_bytes_in_use", 0) for d in jax.local_devices()) / 2**30
 
 
+PARTS = ("moe", "mlp", "gated_deltanet", "attention", "lm_head_loss", "embed", "mtp", "optimizer")
+
+
+def part_of(op_name: str) -> tuple[str, str]:
+    """(part, phase) of an HLO op from its JAX name stack, e.g. "jit(step)/transpose(jvp(while))/body/moe/dot"."""
+    words = re.split(r"[/()\[\]]", op_name)
+    part = next((w for w in reversed(words) if w in PARTS), "other")
+    phase = ("recompute" if "rematted_computation" in words else "backward" if "transpose" in words
+             else "forward")
+    return part, phase
+
+
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+    """{instruction name: JAX op_name} of a compiled module's text; names in the form kernels carry ('.' and '-' as
+    '_')."""
+    found = re.finditer(r'^\s*(?:ROOT\s+)?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"', hlo_text, re.M)
+    return {re.sub(r"[.\-]", "_", m.group(1)): m.group(2) for m in found}
+
+
+def step_profile(run, host_batches: list[dict]) -> dict:
+    """Device time per step by (part, phase) and the largest kernels, from a trace of the steps on host_batches.
+
+    Each stream kernel is matched to its HLO instruction by the trace's `hlo_op` argument where present, else by its
+    own name; `covered` is the share of kernel time so matched. The trace's "XLA Ops" rows give the same split a
+    second way (leaf ops only; a while loop's op spans its body), as a check."""
+    import jax
+
+    from kernel_profile import read_trace
+
+    names = hlo_op_names(run.step_fn.as_text())
+    steps = len(host_batches)
+
+    def lookup(name, args):
+        for key in (args.get("hlo_op"), name):
+            if key and re.sub(r"[.\-%]", "_", key).strip("_") in names:
+                return names[re.sub(r"[.\-%]", "_", key).strip("_")]
+        return None
+
+    def split(events):
+        by_part, by_kernel, covered = collections.defaultdict(float), collections.defaultdict(float), 0.0
+        for name, _, dur, args in events:
+            op_name = lookup(name, args)
+            part, phase = part_of(op_name) if op_name else ("unmatched", "")
+            by_part[f"{part} {phase}".strip()] += dur / steps / 1e3
+            by_kernel[(name[:100], part, phase)] += dur / steps / 1e3
+            covered += dur if op_name else 0.0
+        total = sum(by_part.values())
+        top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:40]
+        return dict(device_ms=total, covered=covered / steps / 1e3 / total if total else 0.0,
+                    parts_ms=dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
+                    top_kernels=[dict(name=k[0], part=k[1], phase=k[2], ms=t) for k, t in top])
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            time_steps(run, host_batches, warmup=0)
+        kernels, ops = read_trace(d)
+    ops.sort(key=lambda e: e[1])
+    leaves = [e for e, nxt in zip(ops, ops[1:] + [None]) if nxt is None or nxt[1] >= e[1] + e[2]]
+    arg_keys = sorted({k for _, _, _, args in kernels[:2000] for k in args})
+    return dict(steps=steps, kernels=split(kernels), xla_ops=split(leaves) if leaves else None,
+                kernel_arg_keys=arg_keys)
+
+
 def run_child(argv: list[str], timeout: int, env: dict | None = None) -> dict:
     """Runs `python argv` in a process of its own and returns the JSON of its last `RESULT ` line, or an error."""
     try:
@@ -90,7 +160,7 @@ def run_child(argv: list[str], timeout: int, env: dict | None = None) -> dict:
         return {"error": f"timed out after {timeout} s", "stderr": str(e.stderr)[-1000:]}
 
 
-def bench_one(B: int, T: int, rows: str, steps: int, overrides: list[str]) -> dict:
+def bench_one(B: int, T: int, rows: str, steps: int, profile: int, overrides: list[str]) -> dict:
     import jax
     import numpy as np
 
@@ -109,6 +179,7 @@ def bench_one(B: int, T: int, rows: str, steps: int, overrides: list[str]) -> di
     host = [make() for _ in range(steps + 3)]
     docs_per_row = float(np.mean([len(np.unique(r[r > 0])) for r in host[0]["segment_ids"]]))
     losses, times = time_steps(run, host)
+    profiled = step_profile(run, host[:profile]) if profile else None
     run.train_iter.close()
     run.ckpt.close()
     dt = statistics.median(times)
@@ -117,7 +188,7 @@ def bench_one(B: int, T: int, rows: str, steps: int, overrides: list[str]) -> di
     return dict(step_ms=dt * 1e3, tokens_per_s_per_device=tps, setup_s=setup_s, losses=losses,
                 documents_per_row=docs_per_row, device=jax.devices()[0].device_kind, devices=jax.device_count(),
                 mfu=flops_per_token(cfg.model, T)["total"] * tps / peak if peak else None,
-                peak_gib=peak_gib(), execution=cfg.to_dict()["execution"])
+                peak_gib=peak_gib(), execution=cfg.to_dict()["execution"], profile=profiled)
 
 
 def main():
@@ -126,6 +197,7 @@ def main():
     ap.add_argument("--rows", default="packed,single", help="packed, single, pipeline (module docstring)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds for each (shape, rows) process")
+    ap.add_argument("--profile", type=int, default=0, help="trace this many more steps (module docstring)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # BxT:rows, run in this process
     ap.add_argument("overrides", nargs="*", metavar="section.field=value")
     a = ap.parse_args()
@@ -134,16 +206,20 @@ def main():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the compile times
         shape, rows = a.one.split(":")
         B, T = map(int, shape.split("x"))
-        print("RESULT " + json.dumps(bench_one(B, T, rows, a.steps, a.overrides)), flush=True)
+        print("RESULT " + json.dumps(bench_one(B, T, rows, a.steps, a.profile, a.overrides)), flush=True)
         return
     out = os.path.join(os.environ.get("OUT", "/tmp"), "train_step.json")
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
     for shape in a.shapes.split(","):
         for rows in a.rows.split(","):
             key = f"{shape}_{rows}"
-            results[key] = run_child([__file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps), *a.overrides],
-                                     a.timeout)
+            results[key] = run_child([__file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps),
+                                      "--profile", str(a.profile), *a.overrides], a.timeout)
             print(key, json.dumps(results[key])[:600], flush=True)
+            for source, split in (results[key].get("profile") or {}).items():
+                if isinstance(split, dict):
+                    print(f"profile by {source}: device {split['device_ms']:.1f} ms/step, covered "
+                          f"{split['covered']:.0%}:", json.dumps(split["parts_ms"]), flush=True)
             with open(out, "w") as f:
                 json.dump(results, f, indent=1)
 

@@ -31,6 +31,8 @@ class DecoderLayer(nnx.Module):
                  execution: Execution, platform: Platform):
         kw = dict(rngs=rngs, execution=execution, platform=platform)
         self.layer_type = layer_type
+        # Scope names of the two halves, so a profile groups device time by part (benchmarks/train_step.py).
+        self.scopes = ("attention" if layer_type == FULL else "gated_deltanet", "moe" if sparse else "mlp")
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=execution.params)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=execution.params)
         self.mixer = GatedAttention(cfg, **kw) if layer_type == FULL else GatedDeltaNet(cfg, **kw)
@@ -42,9 +44,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x: jax.Array, ctx: Context) -> tuple[jax.Array, Aux]:
         """x [B, T, D] -> (x, this layer's router statistics: zero for a dense MLP)."""
-        y, mixer_aux = self.mixer(self.input_layernorm(x), ctx)
+        with jax.named_scope(self.scopes[0]):
+            y, mixer_aux = self.mixer(self.input_layernorm(x), ctx)
         x = constrain(x + y, ACTIVATIONS)
-        y, mlp_aux = self.mlp(self.post_attention_layernorm(x), ctx)
+        with jax.named_scope(self.scopes[1]):
+            y, mlp_aux = self.mlp(self.post_attention_layernorm(x), ctx)
         return constrain(x + y, ACTIVATIONS), mixer_aux.combine(mlp_aux)
 
 

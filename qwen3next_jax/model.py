@@ -77,7 +77,8 @@ class Qwen3NextForCausalLM(nnx.Module):
     def hidden_states(self, input_ids, segment_ids=None, positions=None) -> tuple[jax.Array, Aux]:
         """input_ids [B, T] -> (final hidden state after model.norm [B, T, D], router statistics of the stack)."""
         ctx = self._context(input_ids, segment_ids, positions)
-        x = self.model.embed_tokens(input_ids)
+        with jax.named_scope("embed"):
+            x = self.model.embed_tokens(input_ids)
         x, aux = self.model.layers(x, ctx)
         return self.model.norm(x), aux
 
@@ -101,8 +102,9 @@ class Qwen3NextForCausalLM(nnx.Module):
         linear_cross_entropy = functools.partial(FAMILIES["loss"].function(self.kernels["loss"]),
                                                  chunk_tokens=chunk_tokens)
         tokens = ("batch", "seq")
-        return per_shard(linear_cross_entropy, in_axes=(tokens + (None,), (None, None), tokens),
-                         out_axes=(tokens, tokens))(hidden.astype(self.dtype), self.lm_head_weight(), targets)
+        with jax.named_scope("lm_head_loss"):
+            return per_shard(linear_cross_entropy, in_axes=(tokens + (None,), (None, None), tokens),
+                             out_axes=(tokens, tokens))(hidden.astype(self.dtype), self.lm_head_weight(), targets)
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """input_ids [B, T] -> logits [B, T, V]."""
@@ -112,4 +114,6 @@ class Qwen3NextForCausalLM(nnx.Module):
         """[(hidden_d, aux_d) for each MTP depth d]; position t of depth d predicts x_{t+1+d}."""
         if self.mtp is None:
             return []
-        return self.mtp(hidden, self.model.embed_tokens, input_ids, self._context(input_ids, segment_ids, positions))
+        ctx = self._context(input_ids, segment_ids, positions)
+        with jax.named_scope("mtp"):
+            return self.mtp(hidden, self.model.embed_tokens, input_ids, ctx)

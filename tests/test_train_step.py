@@ -104,3 +104,22 @@ def test_moment_dtypes_and_steps(param_dtype, mu_dtype):
 def test_first_moment_wider_than_the_parameters_is_refused():
     with pytest.raises(ConfigError, match="optim.mu_dtype float32 is wider than execution.param_dtype bfloat16"):
         load_config("configs/smoke.yaml", ["execution.param_dtype=bfloat16", "optim.mu_dtype=float32"])
+
+
+def test_every_part_of_the_step_is_named_for_the_profile():
+    """`benchmarks/train_step.py --profile` attributes device time to parts of the model through the op names of
+    the compiled step: every part and the optimizer must reach them, forward and backward, and the decoder stack's
+    parts in their rematerialised form too."""
+    from benchmarks.train_step import PARTS, hlo_op_names, part_of
+    from qwen3next_train.loop import abstract_training, lower_train_step, make_mesh
+
+    cfg = load_config("configs/smoke.yaml", ["execution.remat=dots"])
+    mesh = make_mesh(cfg, jax.devices()[:1])
+    compiled = lower_train_step(cfg, mesh, abstract_training(cfg, mesh)).compile()
+    found = {part_of(op_name) for op_name in hlo_op_names(compiled.as_text()).values()}
+    assert {part for part, _ in found} == set(PARTS) - {"mlp"} | {"other"}  # the smoke model has no dense MLP
+    for part in ("moe", "gated_deltanet", "attention"):
+        assert {(part, phase) for phase in ("forward", "backward", "recompute")} <= found, part
+    for part in ("lm_head_loss", "embed", "mtp"):
+        assert {(part, "forward"), (part, "backward")} <= found, part
+    assert ("optimizer", "forward") in found
