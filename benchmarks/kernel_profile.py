@@ -25,10 +25,8 @@ from benchmarks.gdn import fwd_bwd, get_impl, inputs
 
 
 def read_trace(trace_dir):
-    """The GPU work in the Perfetto trace under trace_dir: (kernels, ops), each a list of (name, start, duration,
-    args), times in microseconds. kernels: every kernel on the device's CUDA streams. ops: XLA's "XLA Ops" summary rows, one event per HLO
-    instruction, named as the compiled module names it (empty where the trace has no such row); a while loop's op
-    spans the ops of its body."""
+    """Every kernel on the GPU's CUDA streams in the Perfetto trace under trace_dir, as (name, start, duration,
+    args), times in microseconds."""
     path = sorted(glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
     with gzip.open(path) as f:
         events = json.load(f)
@@ -39,23 +37,16 @@ def read_trace(trace_dir):
     threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
                if e.get("ph") == "M" and e.get("name") == "thread_name" and e["pid"] in gpu}
     streams = {t for t, n in threads.items() if n.lower().startswith("stream")}
-    op_rows = {t for t, n in threads.items() if n == "XLA Ops"}
     if not streams:
         raise RuntimeError(f"no CUDA stream rows in the trace: {sorted(set(threads.values()))}")
-    kernels, ops = [], []
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            row = (e.get("pid"), e.get("tid"))
-            if row in streams or row in op_rows:
-                (kernels if row in streams else ops).append(
-                    (e["name"], float(e["ts"]), float(e["dur"]), e.get("args", {})))
-    return kernels, ops
+    return [(e["name"], float(e["ts"]), float(e["dur"]), e.get("args", {})) for e in events
+            if e.get("ph") == "X" and (e.get("pid"), e.get("tid")) in streams and "dur" in e]
 
 
 def device_times(trace_dir, calls):
     """{kernel name: mean microseconds per call} over the device streams of the Perfetto trace in trace_dir."""
     total = collections.defaultdict(float)
-    for name, _, dur, _ in read_trace(trace_dir)[0]:
+    for name, _, dur, _ in read_trace(trace_dir):
         total[name] += dur
     return dict(sorted(((n, t / calls) for n, t in total.items()), key=lambda x: -x[1]))
 

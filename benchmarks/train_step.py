@@ -107,9 +107,9 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 def step_profile(run, host_batches: list[dict]) -> dict:
     """Device time per step by (part, phase) and the largest kernels, from a trace of the steps on host_batches.
 
-    Each stream kernel is matched to its HLO instruction by the trace's `hlo_op` argument where present, else by its
-    own name; `covered` is the share of kernel time so matched. The trace's "XLA Ops" rows give the same split a
-    second way (leaf ops only; a while loop's op spans its body), as a check."""
+    A kernel's part comes from the JAX op name the trace gives it (`tf_op`), else from the compiled step's metadata
+    for its HLO instruction (`hlo_op`, or the kernel's own name); `covered` is the share of kernel time so
+    attributed. `kernels` lists every (kernel, hlo_op, op name) with its time, for a reading this split misses."""
     import jax
 
     from kernel_profile import read_trace
@@ -117,35 +117,27 @@ def step_profile(run, host_batches: list[dict]) -> dict:
     names = hlo_op_names(run.step_fn.as_text())
     steps = len(host_batches)
 
-    def lookup(name, args):
-        for key in (args.get("hlo_op"), name):
-            if key and re.sub(r"[.\-%]", "_", key).strip("_") in names:
-                return names[re.sub(r"[.\-%]", "_", key).strip("_")]
-        return None
-
-    def split(events):
-        by_part, by_kernel, covered = collections.defaultdict(float), collections.defaultdict(float), 0.0
-        for name, _, dur, args in events:
-            op_name = lookup(name, args)
-            part, phase = part_of(op_name) if op_name else ("unmatched", "")
-            by_part[f"{part} {phase}".strip()] += dur / steps / 1e3
-            by_kernel[(name[:100], part, phase)] += dur / steps / 1e3
-            covered += dur if op_name else 0.0
-        total = sum(by_part.values())
-        top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:40]
-        return dict(device_ms=total, covered=covered / steps / 1e3 / total if total else 0.0,
-                    parts_ms=dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
-                    top_kernels=[dict(name=k[0], part=k[1], phase=k[2], ms=t) for k, t in top])
+    def op_name(name, args):
+        if "/" in args.get("tf_op", ""):
+            return args["tf_op"]
+        keys = (re.sub(r"[.\-%]", "_", key).strip("_") for key in (args.get("hlo_op"), name) if key)
+        return next((names[k] for k in keys if k in names), None)
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             time_steps(run, host_batches, warmup=0)
-        kernels, ops = read_trace(d)
-    ops.sort(key=lambda e: e[1])
-    leaves = [e for e, nxt in zip(ops, ops[1:] + [None]) if nxt is None or nxt[1] >= e[1] + e[2]]
-    arg_keys = sorted({k for _, _, _, args in kernels[:2000] for k in args})
-    return dict(steps=steps, kernels=split(kernels), xla_ops=split(leaves) if leaves else None,
-                kernel_arg_keys=arg_keys)
+        events = read_trace(d)
+    by_part, by_kernel = collections.defaultdict(float), collections.defaultdict(float)
+    for name, _, dur, args in events:
+        op = op_name(name, args)
+        part, phase = part_of(op) if op else ("unattributed", "")
+        by_part[f"{part} {phase}".strip()] += dur / steps / 1e3
+        by_kernel[(name[:100], args.get("hlo_op", ""), (op or "")[:300], part, phase)] += dur / steps / 1e3
+    total = sum(by_part.values())
+    return dict(steps=steps, device_ms=total, covered=1 - by_part.get("unattributed", 0.0) / total,
+                parts_ms=dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
+                kernels=[dict(zip(("name", "hlo_op", "op_name", "part", "phase"), k), ms=t)
+                         for k, t in sorted(by_kernel.items(), key=lambda kv: -kv[1]) if t >= 0.01])
 
 
 def run_child(argv: list[str], timeout: int, env: dict | None = None) -> dict:
@@ -216,10 +208,10 @@ def main():
             results[key] = run_child([__file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps),
                                       "--profile", str(a.profile), *a.overrides], a.timeout)
             print(key, json.dumps(results[key])[:600], flush=True)
-            for source, split in (results[key].get("profile") or {}).items():
-                if isinstance(split, dict):
-                    print(f"profile by {source}: device {split['device_ms']:.1f} ms/step, covered "
-                          f"{split['covered']:.0%}:", json.dumps(split["parts_ms"]), flush=True)
+            if results[key].get("profile"):
+                prof = results[key]["profile"]
+                print(f"profile: device {prof['device_ms']:.1f} ms/step, {prof['covered']:.0%} attributed:",
+                      json.dumps(prof["parts_ms"]), flush=True)
             with open(out, "w") as f:
                 json.dump(results, f, indent=1)
 
