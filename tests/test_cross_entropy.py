@@ -1,6 +1,7 @@
 """The LM head's cross entropy (the registry's "loss" family): every implementation against the definition, log
 softmax of the full logits, in values and gradients."""
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -30,6 +31,56 @@ def test_matches_full_logits(impl):
     g_ours = jax.grad(lambda h, w: ours(h, w).sum(), argnums=(0, 1))(h, w)
     for a, b in zip(g_ours, g_full):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    # Through the logsumexp output too (the z-loss's), with a weight per token as the masked mean gives.
+    weights = jax.random.uniform(k3, (B, T))
+
+    def with_lse(fn):
+        def loss(h, w):
+            ce, lse = fn(h, w)
+            return jnp.sum(ce * weights) + 0.1 * jnp.sum(lse ** 2 * weights)
+        return loss
+
+    reference = FAMILIES["loss"].function("reference")
+    g_ref = jax.grad(with_lse(lambda h, w: reference(h, w, y)), argnums=(0, 1))(h, w)
+    g_ours = jax.grad(with_lse(lambda h, w: linear_cross_entropy(h, w, y, chunk_tokens=4)), argnums=(0, 1))(h, w)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _dot_operand_dtypes(jaxpr, vocab: int) -> set:
+    """The operand dtypes of every dot_general in jaxpr (and its sub-jaxprs) with an operand of `vocab` columns."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and any(vocab in v.aval.shape for v in eqn.invars):
+            found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            found |= _dot_operand_dtypes(sub, vocab)
+    return found
+
+
+def test_chunked_backward_products_in_the_compute_dtype():
+    """In bf16, every product of the chunked form (forward, and the backward's dh and dw) takes bf16 operands: the
+    fp32 logits gradient is cast first. Its gradients stay within bf16 rounding of the fp32 definition's."""
+    D, V = 64, 1000
+    k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
+    h = jax.random.normal(k1, (3, 50, D))
+    w = jax.random.normal(k2, (D, V)) / 8
+    y = jax.random.randint(k3, (3, 50), 0, V)
+    chunked = FAMILIES["loss"].function("chunked")
+
+    def loss(fn, dtype):
+        def f(h, w):
+            ce, lse = fn(h.astype(dtype), w.astype(dtype), y)
+            return jnp.mean(ce) + 0.1 * jnp.mean(lse ** 2)
+        return jax.grad(f, argnums=(0, 1))
+
+    jaxpr = jax.make_jaxpr(lambda h, w: loss(lambda *a: chunked(*a, chunk_tokens=32), jnp.bfloat16)(h, w))(h, w)
+    assert _dot_operand_dtypes(jaxpr.jaxpr, V) == {("bfloat16", "bfloat16")}
+    got = loss(lambda *a: chunked(*a, chunk_tokens=32), jnp.bfloat16)(h, w)
+    want = loss(FAMILIES["loss"].function("reference"), jnp.float32)(h, w)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b, atol=2e-2 * float(jnp.max(jnp.abs(b))))
 
 
 def _model_and_inputs(vocab, B, T):
