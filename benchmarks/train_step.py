@@ -14,6 +14,8 @@ accumulates within a process). Writes $OUT/train_step.json (OUT defaults to /tmp
 model through the JAX name stack of the HLO op that launched it: the named scopes of decoder.py, model.py and the
 trainer's step (`moe`, `mlp`, `gated_deltanet`, `attention`, `lm_head_loss`, `embed`, `mtp`, `optimizer`; the
 innermost wins, so the MTP layer's MoE counts as `moe`), split into forward, backward and rematerialised forward.
+Kernels the trace gives no op name (custom calls and cuBLAS GEMMs inside XLA's command buffers) go by the rules of
+attribute(). `--attribute FILE` prints that split again from a saved train_step.json.
 
 Compilation happens in setup(); its time is reported as `setup_s` (compiling the bench-1p3b step on an H200 takes
 minutes: give the command room).
@@ -104,12 +106,46 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
     return {re.sub(r"[.\-]", "_", m.group(1)): m.group(2) for m in found}
 
 
-def step_profile(run, host_batches: list[dict]) -> dict:
-    """Device time per step by (part, phase) and the largest kernels, from a trace of the steps on host_batches.
+# Kernels that carry no op name in the trace (XLA runs them inside CUDA command buffers, and custom calls get no
+# name there): ours and JAX's by their kernel names.
+KERNEL_PARTS = (("gdn_", "gated_deltanet"),           # kernels_pallas/gdn and conv: gdn_*_mosaic_gpu_kernel
+                ("body_mosaic_gpu", "moe"),           # JAX's ragged_dot_mgpu / transposed_ragged_dot_mgpu
+                ("cudnn_generated", "attention"),     # cuDNN's flash attention
+                ("void cudnn::", "attention"))        # and its helper kernels
 
-    A kernel's part comes from the JAX op name the trace gives it (`tf_op`), else from the compiled step's metadata
-    for its HLO instruction (`hlo_op`, or the kernel's own name); `covered` is the share of kernel time so
-    attributed. `kernels` lists every (kernel, hlo_op, op name) with its time, for a reading this split misses."""
+
+def attribute(kernels: list[dict]) -> dict:
+    """Device ms per part from kernels [{name, hlo_op, op_name, ms}]: the part of the op name where the trace gives
+    one (forward, backward or recompute); else the part its kernel name says (KERNEL_PARTS); else, for a cuBLAS
+    GEMM, the part of every named kernel in the same command buffer where they all have one part; else
+    "unattributed: <kernel name>"."""
+    named = [(k, *part_of(k["op_name"])) for k in kernels if k["op_name"]]
+    buffer_parts = collections.defaultdict(set)
+    for k, part, _ in named:
+        buffer_parts[k["hlo_op"]].add(part)
+    ms = collections.defaultdict(float)
+    for k in kernels:
+        if k["op_name"]:
+            part, phase = part_of(k["op_name"])
+            ms[f"{part} {phase}"] += k["ms"]
+            continue
+        by_name = next((part for prefix, part in KERNEL_PARTS if k["name"].startswith(prefix)), None)
+        parts = buffer_parts.get(k["hlo_op"], set())
+        if by_name:
+            ms[f"{by_name} (kernel name)"] += k["ms"]
+        elif len(parts) == 1:
+            ms[f"{next(iter(parts))} (GEMM in its command buffer)"] += k["ms"]
+        else:
+            ms[f"unattributed: {re.sub(r'_[0-9x]+.*', '', k['name'])[:40]}"] += k["ms"]
+    total = sum(ms.values())
+    return dict(device_ms=total, unattributed=sum(v for n, v in ms.items() if n.startswith("unattributed")) / total,
+                parts_ms=dict(sorted(ms.items(), key=lambda kv: -kv[1])))
+
+
+def step_profile(run, host_batches: list[dict]) -> dict:
+    """Device time per step by part (attribute()), from a trace of the steps on host_batches. A kernel's op name is
+    the one the trace gives it (`tf_op`), else the compiled step's metadata for its HLO instruction (`hlo_op`, or
+    the kernel's own name). `kernels` lists every (kernel, hlo_op, op name) with its time per step."""
     import jax
 
     from kernel_profile import read_trace
@@ -121,23 +157,17 @@ def step_profile(run, host_batches: list[dict]) -> dict:
         if "/" in args.get("tf_op", ""):
             return args["tf_op"]
         keys = (re.sub(r"[.\-%]", "_", key).strip("_") for key in (args.get("hlo_op"), name) if key)
-        return next((names[k] for k in keys if k in names), None)
+        return next((names[k] for k in keys if k in names), "")
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             time_steps(run, host_batches, warmup=0)
         events = read_trace(d)
-    by_part, by_kernel = collections.defaultdict(float), collections.defaultdict(float)
+    by_kernel = collections.defaultdict(float)
     for name, _, dur, args in events:
-        op = op_name(name, args)
-        part, phase = part_of(op) if op else ("unattributed", "")
-        by_part[f"{part} {phase}".strip()] += dur / steps / 1e3
-        by_kernel[(name[:100], args.get("hlo_op", ""), (op or "")[:300], part, phase)] += dur / steps / 1e3
-    total = sum(by_part.values())
-    return dict(steps=steps, device_ms=total, covered=1 - by_part.get("unattributed", 0.0) / total,
-                parts_ms=dict(sorted(by_part.items(), key=lambda kv: -kv[1])),
-                kernels=[dict(zip(("name", "hlo_op", "op_name", "part", "phase"), k), ms=t)
-                         for k, t in sorted(by_kernel.items(), key=lambda kv: -kv[1]) if t >= 0.01])
+        by_kernel[(name[:100], args.get("hlo_op", ""), op_name(name, args)[:300])] += dur / steps / 1e3
+    kernels = [dict(name=n, hlo_op=h, op_name=o, ms=t) for (n, h, o), t in by_kernel.items()]
+    return dict(steps=steps, **attribute(kernels), kernels=sorted(kernels, key=lambda k: -k["ms"]))
 
 
 def run_child(argv: list[str], timeout: int, env: dict | None = None) -> dict:
@@ -190,9 +220,21 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds for each (shape, rows) process")
     ap.add_argument("--profile", type=int, default=0, help="trace this many more steps (module docstring)")
+    ap.add_argument("--attribute", metavar="JSON", help="print the profile split of a train_step.json written with "
+                    "--profile, by this version's attribute()")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # BxT:rows, run in this process
     ap.add_argument("overrides", nargs="*", metavar="section.field=value")
     a = ap.parse_args()
+    if a.attribute:
+        with open(a.attribute) as f:
+            saved = json.load(f)
+        for key, result in saved.items():
+            if isinstance(result, dict) and result.get("profile"):
+                split = attribute(result["profile"]["kernels"])
+                print(f"{key}: step {result['step_ms']:.1f} ms, device {split['device_ms']:.1f} ms")
+                for part, ms in split["parts_ms"].items():
+                    print(f"  {ms:7.2f} ms {ms / result['step_ms']:6.1%}  {part}")
+        return
     if a.one:
         import logging
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the compile times
@@ -210,7 +252,7 @@ def main():
             print(key, json.dumps(results[key])[:600], flush=True)
             if results[key].get("profile"):
                 prof = results[key]["profile"]
-                print(f"profile: device {prof['device_ms']:.1f} ms/step, {prof['covered']:.0%} attributed:",
+                print(f"profile: device {prof['device_ms']:.1f} ms/step, {prof['unattributed']:.0%} unattributed:",
                       json.dumps(prof["parts_ms"]), flush=True)
             with open(out, "w") as f:
                 json.dump(results, f, indent=1)
