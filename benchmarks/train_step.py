@@ -182,7 +182,7 @@ def run_child(argv: list[str], timeout: int, env: dict | None = None) -> dict:
         return {"error": f"timed out after {timeout} s", "stderr": str(e.stderr)[-1000:]}
 
 
-def bench_one(B: int, T: int, rows: str, steps: int, profile: int, overrides: list[str]) -> dict:
+def bench_one(B: int, T: int, rows: str, steps: int, profile: int, overrides: list[str], hlo: str = "") -> dict:
     import jax
     import numpy as np
 
@@ -193,6 +193,10 @@ def bench_one(B: int, T: int, rows: str, steps: int, profile: int, overrides: li
     t0 = time.perf_counter()
     run = setup(cfg)
     setup_s = time.perf_counter() - t0
+    if hlo:
+        import gzip
+        with gzip.open(hlo, "wt") as f:
+            f.write(run.step_fn.as_text())
     rng = np.random.default_rng(0)
     # Fetched or made before timing: the step is timed, not the pipeline.
     make = {"pipeline": lambda: next(run.train_iter),
@@ -220,6 +224,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=1200, help="seconds for each (shape, rows) process")
     ap.add_argument("--profile", type=int, default=0, help="trace this many more steps (module docstring)")
+    ap.add_argument("--hlo", action="store_true", help="also save the compiled step's HLO (what XLA fused) as "
+                    "$OUT/train_step_<shape>_<rows>.hlo.gz")
     ap.add_argument("--attribute", metavar="JSON", help="print the profile split of a train_step.json written with "
                     "--profile, by this version's attribute()")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # BxT:rows, run in this process
@@ -240,7 +246,8 @@ def main():
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")  # the compile times
         shape, rows = a.one.split(":")
         B, T = map(int, shape.split("x"))
-        print("RESULT " + json.dumps(bench_one(B, T, rows, a.steps, a.profile, a.overrides)), flush=True)
+        hlo = os.path.join(os.environ.get("OUT", "/tmp"), f"train_step_{shape}_{rows}.hlo.gz") if a.hlo else ""
+        print("RESULT " + json.dumps(bench_one(B, T, rows, a.steps, a.profile, a.overrides, hlo)), flush=True)
         return
     out = os.path.join(os.environ.get("OUT", "/tmp"), "train_step.json")
     results = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv)}
@@ -248,7 +255,8 @@ def main():
         for rows in a.rows.split(","):
             key = f"{shape}_{rows}"
             results[key] = run_child([__file__, "--one", f"{shape}:{rows}", "--steps", str(a.steps),
-                                      "--profile", str(a.profile), *a.overrides], a.timeout)
+                                      "--profile", str(a.profile), *(["--hlo"] if a.hlo else []), *a.overrides],
+                                     a.timeout)
             print(key, json.dumps(results[key])[:600], flush=True)
             if results[key].get("profile"):
                 prof = results[key]["profile"]

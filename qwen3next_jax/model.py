@@ -50,8 +50,8 @@ class Qwen3NextForCausalLM(nnx.Module):
     """Qwen3-Next with its LM head and multi-token prediction.
 
     execution: dtypes, rematerialisation and kernel choices (qwen3next_jax.execution), resolved for `platform`
-    (default: the running one) as the model is built. segment_ids (int, 0 = padding) mark packed documents;
-    positions default to 0.. within each document.
+    (default: the running one) as the model is built. segment_ids (int, 0 = padding) mark packed documents,
+    each one run of its row; positions default to 0.. within each document.
     """
 
     def __init__(self, cfg: Qwen3NextConfig, *, rngs: nnx.Rngs, execution: Execution = Execution(),

@@ -1,5 +1,7 @@
 """Causal attention within packed documents (the registry's "attention" family): the XLA form against a numpy loop
 from the definition, cuDNN's against XLA's on the GPU, and what auto picks on each platform."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,19 +50,55 @@ def test_auto_per_platform():
     assert att.resolve("auto", dict(site, head_dim=96), Platform("tpu", "TPU v5p")) == "xla"
 
 
+def random_documents(B, T, seed, mean_length):
+    """[B, T] segment ids of packed rows: runs of random length numbered 1, 2, ..., a padding run (0) at some ends."""
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((B, T), np.int32)
+    for b in range(B):
+        t, doc = 0, 1
+        end = T - (rng.integers(1, T // 4) if b % 2 else 0)
+        while t < end:
+            n = int(rng.integers(1, 2 * mean_length))
+            seg[b, t:min(t + n, end)] = doc
+            t, doc = t + n, doc + 1
+    return jnp.asarray(seg)
+
+
+@pytest.mark.parametrize("max_documents", [4, 16, 64])
+def test_cudnn_document_offsets(max_documents):
+    """cuDNN's packed form of segment ids: each row's document starts and lengths, -1 past the last, and the count
+    that decides whether the packed form can take the batch."""
+    from qwen3next_kernels.attention.cudnn import documents
+    seg = random_documents(5, 64, seed=max_documents, mean_length=6)
+    offsets, lengths, count = (np.asarray(a) for a in documents(seg, max_documents))
+    assert offsets.shape == (5, max_documents + 1) and lengths.shape == (5, max_documents)
+    for b, row in enumerate(np.asarray(seg)):
+        starts = [t for t in range(64) if t == 0 or row[t] != row[t - 1]]
+        sizes = np.diff(starts + [64]).tolist()
+        assert count[b] == len(starts)
+        kept = min(len(starts), max_documents)
+        assert offsets[b].tolist() == starts[:kept] + [-1] * (max_documents + 1 - kept)
+        assert lengths[b].tolist() == sizes[:kept] + [-1] * (max_documents - kept)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("hd", [128, 256])
-def test_cudnn_matches_xla_on_the_gpu(hd):
-    q, k, v, seg = make(B=2, T=300, H=8, KV=1, hd=hd, dtype=jnp.bfloat16)
+@pytest.mark.parametrize("max_documents", [64, 4])  # every row fits (packed form); some row does not (dense mask)
+def test_cudnn_matches_xla_on_the_gpu(hd, max_documents):
+    from qwen3next_kernels.attention.cudnn import documents, packed_attention
+    q, k, v, _ = make(B=4, T=300, H=8, KV=1, hd=hd, dtype=jnp.bfloat16)
+    seg = random_documents(4, 300, seed=hd, mean_length=40)
+    assert (int(np.max(documents(seg, max_documents)[2])) <= max_documents) == (max_documents == 64)
     ct = jax.random.normal(jax.random.key(9), q.shape).astype(jnp.bfloat16)
-    run = lambda impl: jax.jit(lambda *a: jax.vjp(lambda *b: FAMILIES["attention"].function(impl)(
-        *b, seg, scale=hd ** -0.5), *a))(q, k, v)
-    (o1, vjp1), (o2, vjp2) = run("cudnn"), run("xla")
-    rel = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
-                             / np.max(np.abs(np.asarray(b, np.float32))))
-    assert rel(o1, o2) < 2e-2
-    for a, b in zip(vjp1(ct), vjp2(ct)):
-        assert rel(a, b) < 3e-2
+    run = lambda f: jax.jit(lambda *a: jax.vjp(lambda *b: f(*b, seg, scale=hd ** -0.5), *a))(q, k, v)
+    cudnn = functools.partial(packed_attention, max_documents=max_documents)
+    for f in (cudnn, FAMILIES["attention"].function("cudnn")):
+        (o1, vjp1), (o2, vjp2) = run(f), run(FAMILIES["attention"].function("xla"))
+        rel = lambda a, b: float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)))
+                                 / np.max(np.abs(np.asarray(b, np.float32))))
+        assert rel(o1, o2) < 2e-2
+        for a, b in zip(vjp1(ct), vjp2(ct)):
+            assert rel(a, b) < 3e-2
 
 
 @pytest.mark.parametrize("T, H, KV", [(200, 4, 2), (128, 2, 1)])
