@@ -24,9 +24,10 @@ def supports(platform, site):
 
 
 def documents_per_row(seq_len: int) -> int:
-    """The offsets' static width: cuDNN's grid covers every (row, document slot, head, query tile), so unused slots
-    cost launch time; 1 per 128 tokens (mean document of 128 tokens or more), at least 16 and at most seq_len."""
-    return min(seq_len, max(16, seq_len // 128))
+    """The offsets' static width M. cuDNN's grid and its backward's fp32 workspace cover every (row, document slot,
+    head, position up to T): about 8 bytes x B x M x heads x T x head_dim, so M is kept small; a batch with a row of
+    more documents takes the dense-mask branch (module docstring)."""
+    return min(seq_len, 16)
 
 
 def documents(segment_ids, max_documents):
