@@ -1,11 +1,11 @@
 """reference.attention through cuDNN's flash attention.
 
 Queries at the keys' positions (the usual case) run cuDNN's packed-sequence form: each row's documents are passed as
-offsets and lengths, cuDNN applies the causal mask within each, and no [T, T] mask exists anywhere, so memory stays
-linear in T. cuDNN sees a document boundary wherever the segment id changes: a document's tokens are one run of its
-row (how packed rows are made), which is what makes this equal to the reference's mask.
+offsets and lengths and cuDNN applies the causal mask within each; this branch builds no [T, T] mask, and its memory
+grows linearly with T. cuDNN sees a document boundary wherever the segment id changes: a document's tokens are one
+run of its row (how packed rows are made), which is what makes this equal to the reference's mask.
 
-The offsets array has a static width, `max_documents` per row (documents_per_row picks it from T). A batch with a
+The offsets array has a static width, `max_documents` per row (documents_per_row: 16). A batch with a
 row of more documents takes the other branch of a lax.cond: the same cuDNN kernel with a dense [B, 1, T, T] mask,
 exact, with that mask's memory. A shard of queries (q_offset, context parallelism) always takes the dense mask,
 causal part included.
