@@ -1,5 +1,6 @@
 """Causal attention within packed documents (the registry's "attention" family): the XLA form against a numpy loop
-from the definition, cuDNN's against XLA's on the GPU, and what auto picks on each platform."""
+from the definition, cuDNN's against XLA's on the GPU (its document offsets and branch choice on a CPU too, against
+an oracle of cuDNN's packed semantics), and what auto picks on each platform."""
 import functools
 
 import jax
@@ -79,6 +80,45 @@ def test_cudnn_document_offsets(max_documents):
         kept = min(len(starts), max_documents)
         assert offsets[b].tolist() == starts[:kept] + [-1] * (max_documents + 1 - kept)
         assert lengths[b].tolist() == sizes[:kept] + [-1] * (max_documents - kept)
+
+
+@pytest.mark.parametrize("max_documents", [64, 4])  # every row fits (packed branch); some row does not (dense)
+def test_cudnn_form_routes_documents_like_the_reference(monkeypatch, max_documents):
+    """The cuDNN form's own logic on a CPU: cuDNN replaced by an oracle of its packed-sequence semantics (each
+    (offset, length) slot of a row is a causal sequence of its own) and by XLA for the dense-mask branch, and the
+    branch that must not run poisoned with NaN. The output and gradients then equal the reference only if the
+    offsets carry exactly the documents of the segment ids and lax.cond takes the branch the count asks for."""
+    from qwen3next_kernels.attention import cudnn, reference
+    xla_attention = jax.nn.dot_product_attention
+    packed_runs = max_documents == 64
+    poison = lambda out: jnp.full_like(out, jnp.nan)
+
+    def packed_oracle(q, k, v, *, q_seqlen, kv_seqlen, q_offsets, kv_offsets, scale, mask_type):
+        assert mask_type == cudnn.MaskType.PADDING_CAUSAL and q_seqlen is kv_seqlen and q_offsets is kv_offsets
+        pos = jnp.arange(q.shape[1])
+        start, length = q_offsets[:, :-1, None], q_seqlen[:, :, None]                      # [B, M, 1]
+        inside = ((length > 0) & (pos >= start) & (pos < start + length)).astype(jnp.int32)  # [B, M, T]
+        same = jnp.einsum("bmi,bmj->bij", inside, inside) > 0
+        out = xla_attention(q, k, v, scale=scale, implementation="xla",
+                            mask=(same & (pos[:, None] >= pos[None, :]))[:, None])
+        return out if packed_runs else poison(out)
+
+    def dense_on_xla(q, k, v, *, implementation, **kw):  # the reference's own calls (xla) pass through
+        out = xla_attention(q, k, v, implementation="xla", **kw)
+        return poison(out) if implementation == "cudnn" and packed_runs else out
+
+    monkeypatch.setattr(cudnn, "cudnn_attention", packed_oracle)
+    monkeypatch.setattr(jax.nn, "dot_product_attention", dense_on_xla)
+    q, k, v, _ = make(B=4, T=96, H=4, KV=2, hd=16)
+    seg = random_documents(4, 96, seed=3, mean_length=12)
+    assert 4 < int(np.max(cudnn.documents(seg, 96)[2])) <= 64
+    f = lambda q, k, v: cudnn.packed_attention(q, k, v, seg, scale=0.25, max_documents=max_documents)
+    ref = lambda q, k, v: reference.attention(q, k, v, seg, scale=0.25)
+    ct = jax.random.normal(jax.random.key(5), q.shape)
+    (got, got_vjp), (want, want_vjp) = jax.vjp(f, q, k, v), jax.vjp(ref, q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_vjp(ct), want_vjp(ct)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.gpu
