@@ -1,6 +1,6 @@
 """Softmax attention for packed documents on one GPU: forward + backward of the bench preset's attention heads (8
-query heads and 1 key/value head of 256, bf16) at the training shapes, each form beside the same cuDNN kernel on one causal
-document a row (the ceiling: no document mask at all).
+query heads and 1 key/value head of 256, bf16) at the training shapes, each form beside the same cuDNN kernel on one
+causal document a row (the ceiling: no document mask at all).
 
 Forms: `packed` (cuDNN's packed sequences, offsets of `max_documents` slots a row: what the attention family runs),
 `dense_mask` (cuDNN with the [B, 1, T, T] document mask, the fallback; only up to 8192 tokens a row, where the mask

@@ -3,9 +3,9 @@
 q [B, Tq, H, hd], k and v [B, Tk, KV, hd] with H a multiple of KV; query i sits at position q_offset + i of the
 keys' sequence (0 unless the queries are one shard of it: context parallelism); segment_ids [B, Tq] of the queries
 and kv_segment_ids [B, Tk] of the keys (default: segment_ids; None: one document a row). A query attends to the keys
-at or before its position that carry its segment id. Packed rows hold each document as one run of ids; the cuDNN form
-relies on that (it sees a document end where the id changes). Returns [B, Tq, H, hd] in q's dtype. XLA materialises the
-[B, H, Tq, Tk] logits (and here a [B, 1, Tq, Tk] mask): fine for tests, costly at long context.
+at or before its position that carry its segment id. Packed rows hold each document as one run of ids; the cuDNN
+form relies on that (it sees a document end where the id changes). Returns [B, Tq, H, hd] in q's dtype. XLA
+materialises the [B, H, Tq, Tk] logits (and here a [B, 1, Tq, Tk] mask): fine for tests, costly at long context.
 """
 
 import jax
