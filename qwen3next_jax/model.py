@@ -20,7 +20,7 @@ from qwen3next_jax.layers import Embed, Linear
 from qwen3next_jax.mtp import MultiTokenPrediction
 from qwen3next_jax.norms import RMSNorm
 from qwen3next_jax.rope import rope_tables
-from qwen3next_jax.sharding import per_shard
+from qwen3next_jax.sharding import SUMMED, per_shard
 from qwen3next_kernels.registry import FAMILIES, Platform
 
 
@@ -92,19 +92,50 @@ class Qwen3NextForCausalLM(nnx.Module):
 
     def cross_entropy(self, hidden: jax.Array, targets: jax.Array, chunk_tokens: int = 2048):
         """Per-token (cross entropy, logsumexp) of the LM head on hidden [B, T, D] against targets [B, T], both
-        fp32 [B, T], through the registry's "loss" family (chunk_tokens bounds the chunked form's fp32 logits on
-        each device).
+        fp32 [B, T] and differentiable, through the registry's "loss" family (chunk_tokens bounds the chunked form's
+        fp32 logits on each device). Evaluation's form: training takes `objective`, whose gradient costs less."""
+        return self._head_loss(chunk_tokens, None)(hidden.astype(self.dtype), self.lm_head_weight(), targets, None)
 
-        Under a mesh it runs per shard of the batch and the sequence, with the head's weight whole on every device
-        (gathered like any FSDP weight): the chunked form flattens the tokens into chunks, and XLA, partitioning
-        that, had every device form the whole batch's logits in the forward pass. With a tensor axis each of its
-        devices computes the same rows over the whole vocabulary (the loss family does not split the vocabulary)."""
-        linear_cross_entropy = functools.partial(FAMILIES["loss"].function(self.kernels["loss"]),
-                                                 chunk_tokens=chunk_tokens)
+    def objective(self, hidden: jax.Array, targets: jax.Array, ce_weight: jax.Array, z_weight: jax.Array,
+                  chunk_tokens: int = 2048):
+        """The LM head's training objective  sum(ce * ce_weight + lse**2 * z_weight)  (weights fp32 [B, T]: the
+        masked mean's and the z-loss's), differentiable, and the per-token (ce, lse) as values (not differentiable).
+
+        The loss family computes the objective's gradient in its forward pass, while each chunk's logits are live
+        (kernels_pallas/cross_entropy/chunked.py): three products of [tokens, D] x [D, V] instead of four."""
+        head = self._head_loss(chunk_tokens, (("batch", "seq"), ("batch", "seq")))
+
+        def forward(hidden, w, ce_weight, z_weight):
+            ce, lse, grads = head(hidden, w, targets, (ce_weight, z_weight))
+            return (jnp.sum(ce * ce_weight + lse ** 2 * z_weight), ce, lse), (grads, ce, lse)
+
+        weighted = jax.custom_vjp(lambda *args: forward(*args)[0])
+
+        def backward(residuals, cotangents):
+            (d_hidden, d_w), ce, lse = residuals
+            g = cotangents[0]  # (ce, lse) leave through stop_gradient below: their cotangents are zero
+            return (g * d_hidden).astype(d_hidden.dtype), (g * d_w).astype(self.dtype), g * ce, g * lse ** 2
+
+        weighted.defvjp(forward, backward)
+        total, ce, lse = weighted(hidden.astype(self.dtype), self.lm_head_weight(), ce_weight.astype(jnp.float32),
+                                  z_weight.astype(jnp.float32))
+        return total, jax.lax.stop_gradient(ce), jax.lax.stop_gradient(lse)
+
+    def _head_loss(self, chunk_tokens: int, weight_axes):
+        """The loss family's function, run per shard of the batch and the sequence with the head's weight whole on
+        every device (gathered like any FSDP weight): the chunked form flattens the tokens into chunks, and XLA,
+        partitioning that, had every device form the whole batch's logits in the forward pass. With a tensor axis
+        each of its devices computes the same rows over the whole vocabulary (the family does not split the
+        vocabulary). The weight's gradient is summed over the devices that split the tokens."""
+        fn = functools.partial(FAMILIES["loss"].function(self.kernels["loss"]), chunk_tokens=chunk_tokens)
         tokens = ("batch", "seq")
-        with jax.named_scope("lm_head_loss"):
-            return per_shard(linear_cross_entropy, in_axes=(tokens + (None,), (None, None), tokens),
-                             out_axes=(tokens, tokens))(hidden.astype(self.dtype), self.lm_head_weight(), targets)
+        out_axes = (tokens, tokens) if weight_axes is None else (tokens, tokens, (tokens + (None,), SUMMED))
+        sharded = per_shard(fn, in_axes=(tokens + (None,), (None, None), tokens, weight_axes), out_axes=out_axes)
+
+        def head(*args):
+            with jax.named_scope("lm_head_loss"):
+                return sharded(*args)
+        return head
 
     def __call__(self, input_ids, segment_ids=None, positions=None) -> jax.Array:
         """input_ids [B, T] -> logits [B, T, V]."""

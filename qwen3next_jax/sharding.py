@@ -111,8 +111,9 @@ def per_shard(fn, in_axes, out_axes, *, sequence: bool = False):
 
     in_axes / out_axes give each argument's / result's logical axis names (a pytree of tuples matching fn's
     arguments / results; None for an argument that is None); RULES maps them to mesh axes, as for parameters, where
-    the axis divides the dimension. `fn` sees the per-shard shapes. Without a context mesh of several devices,
-    `fn` itself.
+    the axis divides the dimension. `fn` sees the per-shard shapes. A result whose out_axes entry is SUMMED is a
+    partial sum on each shard (a weight's gradient over the shard's tokens): it is added up over the mesh axes that
+    split the arguments and comes back whole. Without a context mesh of several devices, `fn` itself.
 
     sequence=True: fn mixes tokens along its "seq" dimensions (all of one length) and takes a keyword `seq_axis`:
     None where it sees whole sequences, else the mesh axis they are split over in order (context parallelism: shard
@@ -124,11 +125,13 @@ def per_shard(fn, in_axes, out_axes, *, sequence: bool = False):
         if mesh.empty or mesh.size == 1:
             return whole(*args)
         out_shapes = jax.eval_shape(whole, *args)
-        is_axes = lambda x: isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
-        spec = lambda axes, x: logical_to_spec(axes, x.shape, mesh)
+        is_axes = lambda x: x is SUMMED or isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
+        spec = lambda axes, x: P() if axes is SUMMED else logical_to_spec(axes, x.shape, mesh)
         in_specs = tuple(None if a is None else jax.tree.map(spec, ax, a, is_leaf=is_axes)
                          for ax, a in zip(in_axes, args))
         out_specs = jax.tree.map(spec, out_axes, out_shapes, is_leaf=is_axes)
+        split = tuple(sorted({name for s in jax.tree.leaves(in_specs, is_leaf=lambda x: isinstance(x, P))
+                              for entry in s if entry for name in ((entry,) if isinstance(entry, str) else entry)}))
         body = fn
         if sequence:
             seq_axes = {split for ax, a in zip(in_axes, args) if a is not None
@@ -137,10 +140,22 @@ def per_shard(fn, in_axes, out_axes, *, sequence: bool = False):
             if len(seq_axes) > 1:
                 raise ValueError(f"the arguments' seq dimensions split differently over the mesh: {seq_axes}")
             body = functools.partial(fn, seq_axis=seq_axes.pop() if seq_axes else None)
+        if split and any(ax is SUMMED for ax in jax.tree.leaves(out_axes, is_leaf=is_axes)):
+            body = _sum_over(body, out_axes, split, is_axes)
         # check_vma=False: the kernels and the chunked op's scans are not annotated for shard_map's
         # varying-across-devices types (a zero initial state is not "varying"); the specs say what varies.
         return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
     return wrapped
+
+
+SUMMED = "summed over the shards"  # an out_axes entry of per_shard
+
+
+def _sum_over(fn, out_axes, mesh_axes, is_axes):
+    def summed(*args, **kwargs):
+        return jax.tree.map(lambda ax, x: jax.lax.psum(x, mesh_axes) if ax is SUMMED else x,
+                            out_axes, fn(*args, **kwargs), is_leaf=is_axes)
+    return summed
 
 
 def in_mesh(mesh: Mesh, fn):

@@ -62,10 +62,11 @@ def test_packed_equals_one_by_one(tmp_path):
     graphdef, params = nnx.split(model, nnx.Param)
 
     def summed(p, batch):
-        """The sum of every per-token loss (its gradient is additive over documents), and the per-token losses."""
-        (ce, _, mask), mtp, _ = losses.per_token_losses(nnx.merge(graphdef, p), batch, chunk_tokens=48)
-        per_token = [(ce, mask)] + mtp
-        return sum(jnp.sum(c * m) for c, m in per_token), per_token
+        """The sum of every per-token loss (its gradient is additive over documents), as the training objective the
+        heads differentiate themselves, and the per-token losses."""
+        weigh = lambda depth, mask: (mask, jnp.zeros_like(mask))
+        (ce, _, mask), mtp, _, total = losses.per_token_losses(nnx.merge(graphdef, p), batch, 48, weigh)
+        return total, [(ce, mask)] + mtp
 
     grad_fn = jax.jit(jax.grad(summed, has_aux=True))
     g_packed, got = grad_fn(params, packed)

@@ -107,7 +107,7 @@ def make_eval_step(graphdef, rest, cfg: TrainConfig):
 
     def evaluate(params, batch):
         model = nnx.merge(graphdef, params, rest)
-        (ce, _, mask), mtp, _ = losses.per_token_losses(model, batch, cfg.loss.chunk_tokens)
+        (ce, _, mask), mtp, _, _ = losses.per_token_losses(model, batch, cfg.loss.chunk_tokens)
         sums = {"ce": jnp.sum(ce * mask), "n": jnp.sum(mask)}
         for d, (ce_d, mask_d) in enumerate(mtp, start=1):
             sums[f"mtp{d}"], sums[f"n{d}"] = jnp.sum(ce_d * mask_d), jnp.sum(mask_d)

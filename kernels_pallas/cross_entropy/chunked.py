@@ -1,64 +1,60 @@
-"""reference.linear_cross_entropy over chunks of `chunk_tokens` tokens, in plain JAX, with its own backward pass.
+"""reference.linear_cross_entropy over chunks of `chunk_tokens` tokens, in plain JAX.
 
-Forward: each chunk's fp32 logits [C, V] are formed, reduced to (logsumexp, target logit) and dropped; at a 150K
-vocabulary this keeps C * V fp32 values alive instead of N * V. Backward, chunk by chunk: the logits are formed
-again, and their gradient
-    d logits = softmax * (g_ce + g_lse) - onehot(target) * g_ce        (ce = lse - target logit)
-is computed in fp32 and cast to the compute dtype before the two products that need it (dh = d logits @ w.T, and
-dw += h.T @ d logits, summed over chunks in fp32). Differentiating the forward instead would run those products on
-the fp32 gradient, which the GPU does at its fp32 (TF32) rate: half the bf16 rate for 2/3 of the loss's FLOPs. In
-fp32 compute the cast does nothing and the result is exact.
+Each chunk's fp32 logits [C, V] are formed, used and dropped: at a 150K vocabulary this keeps C * V fp32 values
+alive instead of N * V.
+
+With weights, the objective's gradient is computed in the same pass, from the chunk's logits while they are live:
+    d logits = softmax * (ce_weight + 2 * z_weight * lse) - onehot(target) * ce_weight      (ce = lse - target logit)
+    d hidden = d logits @ w.T,    d w = sum over chunks of hidden.T @ d logits  (fp32)
+Its cost is three products a chunk. A backward pass given the cotangents of per-token (ce, lse) would need four: it
+would have to form the logits again, since [N, V] of them cannot be kept. d logits is formed in fp32 and cast to the
+compute dtype before its two products: in fp32 they would run at the GPU's TF32 rate, half the bf16 rate. In fp32
+compute the cast does nothing and the result is exact.
+
+Without weights (evaluation) only the logits' product runs; autodiff through it is correct but not fast.
 """
 import jax
 import jax.numpy as jnp
 
 
-def linear_cross_entropy(hidden, w, targets, *, chunk_tokens=2048):
-    shape, D = targets.shape, hidden.shape[-1]
+def linear_cross_entropy(hidden, w, targets, weights=None, *, chunk_tokens=2048):
+    shape = targets.shape
     n = targets.size
     chunk = min(chunk_tokens, n)
     pad = -n % chunk
-    h = jnp.pad(hidden.reshape(n, D), ((0, pad), (0, 0))).reshape(-1, chunk, D)     # [chunks, C, D]
-    y = jnp.pad(targets.reshape(n), (0, pad)).reshape(-1, chunk)                    # [chunks, C]
-    ce, lse = _chunked(h, w, y)                                                     # [chunks, C] each
-    return ce.reshape(-1)[:n].reshape(shape), lse.reshape(-1)[:n].reshape(shape)
+
+    def chunks(x):  # [*shape, ...] -> [chunks, C, ...], padded with zeros (zero weight: no part in the objective)
+        x = x.reshape(n, *x.shape[len(shape):])
+        return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:])
+
+    def unchunk(x):  # [chunks, C, ...] -> [*shape, ...]
+        return x.reshape(-1, *x.shape[2:])[:n].reshape(*shape, *x.shape[2:])
+
+    h, y = chunks(hidden), chunks(targets)                                           # [chunks, C, D], [chunks, C]
+    if weights is None:
+        ce, lse = jax.lax.map(lambda args: _losses(_logits(args[0], w), args[1])[:2], (h, y))
+        return unchunk(ce), unchunk(lse)
+
+    def one_chunk(d_w, args):
+        h_c, y_c, ce_weight, z_weight = args
+        logits = _logits(h_c, w)                                                     # [C, V] fp32
+        ce, lse, is_target = _losses(logits, y_c)
+        d_logits = (jnp.exp(logits - lse[:, None]) * (ce_weight + 2 * z_weight * lse)[:, None]
+                    - jnp.where(is_target, ce_weight[:, None], 0.0)).astype(h.dtype)
+        d_h = jnp.dot(d_logits, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
+        return d_w + jnp.dot(h_c.T, d_logits, preferred_element_type=jnp.float32), (ce, lse, d_h)
+
+    ce_weight, z_weight = (chunks(x.astype(jnp.float32)) for x in weights)
+    d_w, (ce, lse, d_h) = jax.lax.scan(one_chunk, jnp.zeros(w.shape, jnp.float32), (h, y, ce_weight, z_weight))
+    return unchunk(ce), unchunk(lse), (unchunk(d_h), d_w)
 
 
-def _chunk_logits(h_c, w):
+def _logits(h_c, w):
     return jnp.dot(h_c, w, preferred_element_type=jnp.float32)                      # [C, V] fp32
 
 
-@jax.custom_vjp
-def _chunked(h, w, y):
-    def one_chunk(args):
-        h_c, y_c = args
-        logits = _chunk_logits(h_c, w)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        return lse - jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0], lse
-
-    return jax.lax.map(one_chunk, (h, y))
-
-
-def _forward(h, w, y):
-    ce, lse = _chunked(h, w, y)
-    return (ce, lse), (h, w, y, lse)
-
-
-def _backward(residuals, cotangents):
-    h, w, y, lse = residuals
-    g_ce, g_lse = cotangents
-
-    def one_chunk(dw, args):
-        h_c, y_c, lse_c, g_ce_c, g_lse_c = args
-        softmax = jnp.exp(_chunk_logits(h_c, w) - lse_c[:, None])
-        is_target = jnp.arange(w.shape[1]) == y_c[:, None]
-        d_logits = softmax * (g_ce_c + g_lse_c)[:, None] - jnp.where(is_target, g_ce_c[:, None], 0.0)
-        d_logits = d_logits.astype(h.dtype)
-        dh_c = jnp.dot(d_logits, w.T, preferred_element_type=jnp.float32).astype(h.dtype)
-        return dw + jnp.dot(h_c.T, d_logits, preferred_element_type=jnp.float32), dh_c
-
-    dw, dh = jax.lax.scan(one_chunk, jnp.zeros(w.shape, jnp.float32), (h, y, lse, g_ce, g_lse))
-    return dh, dw.astype(w.dtype), None
-
-
-_chunked.defvjp(_forward, _backward)
+def _losses(logits, y_c):
+    """(ce [C], lse [C], is_target [C, V]) of a chunk's fp32 logits."""
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    is_target = jnp.arange(logits.shape[1]) == y_c[:, None]
+    return lse - jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0], lse, is_target
