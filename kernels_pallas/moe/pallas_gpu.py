@@ -13,8 +13,10 @@ the weight gradient). The expert MLP is five of them:
               dx = dh W_gu^T            ragged_dot, transposed
               dW_gu = x^T dh            transposed_ragged_dot
 
-The kernels write only rows inside the groups; rows past sum(group_sizes) are masked to zero here, as ragged_dot
-defines them. Their TMA tiles need the row count to be a multiple of 8: other counts are padded with zero rows. The
+The kernels write only rows inside the groups. Rows past sum(group_sizes) are masked to zero in the output and in
+the gradients the weight-gradient products read (dy, dh), as ragged_dot defines them; the input gradient dx is
+left as the kernel wrote it, unspecified there (the family's contract, moe/reference.py): masking it was a pass over
+[M, D] of its own, 0.25 ms a layer at the bench shape, for rows that no caller reads. Their TMA tiles need the row count to be a multiple of 8: other counts are padded with zero rows. The
 kernels take bf16 (or fp16) operands, accumulate in fp32 and store in the operand dtype. Each of the six products
 has its own block shape, the fastest of a sweep at the bench shape on an H200 (benchmarks/moe.py --tune).
 """
@@ -92,7 +94,7 @@ def _mlp_bwd(ops, res, dy):
     d_w_down = weight_grad("w_down", a, dy, group_sizes)                                      # [E, F, D]
     dh = jnp.concatenate([da * u * sig * (1 + g * (1 - sig)), da * silu], axis=-1).astype(x.dtype)
     dh = _rows_in_groups(dh, group_sizes)
-    dx = _rows_in_groups(ragged("d_gate_up", dh, w_gu, group_sizes, transpose_rhs=True), group_sizes)  # [M, D]
+    dx = ragged("d_gate_up", dh, w_gu, group_sizes, transpose_rhs=True)                       # [M, D]
     d_w_gu = weight_grad("w_gate_up", x, dh, group_sizes)                                     # [E, D, 2F]
     return dx, d_w_gu, d_w_down, None
 

@@ -5,10 +5,11 @@ x [M, D] holds rows grouped by expert in expert order, group_sizes [E] (int32) h
 down[e]^T (silu(gate[e]^T x_m) * up[e]^T x_m). Returns [M, D] in x's dtype.
 
 Rows past sum(group_sizes) belong to no expert (expert parallelism's receive buffers end in them). Their outputs
-are unspecified: ragged_dot gives zeros, the tiled form computes them with the last expert, a kernel may leave them
-unwritten. The contract every implementation keeps (tests/test_moe_parallel.py checks it): given finite values
-there and zero cotangents for them, the real rows' outputs, the real rows' input gradients and the weight gradients
-are what they are without those rows. Callers select the unspecified outputs away (jnp.where, not a multiply).
+and input gradients are unspecified: ragged_dot gives zeros, the tiled form computes them with the last expert, a
+kernel may leave them unwritten (any value, NaN included). The contract every implementation keeps
+(tests/test_moe_parallel.py checks it): given finite values there and zero cotangents for them, the real rows'
+outputs, the real rows' input gradients and the weight gradients are what they are without those rows. Callers
+select the unspecified rows away, forward and backward (jnp.where, not a multiply: moe/permute.py).
 
 ragged_dot is native on TPU. Elsewhere JAX 0.11 lowers it by expanding the rows to [experts, rows, features]
 (126 GiB of temporaries for one bench-1p3b MoE layer at 16K tokens, forward + backward, on the CPU).
