@@ -22,11 +22,16 @@ from qwen3next_kernels.registry import FAMILIES, Platform
 KERNEL_FAMILIES = ("gdn", "conv", "attention", "moe", "exchange", "loss")
 
 # What each decoder layer keeps for the backward pass. "none" keeps everything, "full" recomputes the layer,
-# "dots" keeps only matmul outputs without batch dimensions (projections), recomputing the rest.
+# "dots" keeps only matmul outputs without batch dimensions (projections), recomputing the rest. Both keep the
+# MoE's routing (the values named ROUTING: router probabilities, top-k choices, the sort by expert), about 6 MB
+# a layer at the bench shape: recomputing it costs two sorts a layer.
+ROUTING = "moe_routing"
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.save_only_these_names(ROUTING),
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        jax.checkpoint_policies.save_only_these_names(ROUTING)),
 }
 
 

@@ -23,10 +23,11 @@ import math
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import PartitionSpec as P
 
 from qwen3next_jax.config import Qwen3NextConfig
-from qwen3next_jax.execution import Execution
+from qwen3next_jax.execution import ROUTING, Execution
 from qwen3next_jax.interface import Aux, Context
 from qwen3next_jax.layers import Linear, param
 from qwen3next_jax.sharding import logical_to_spec
@@ -154,7 +155,7 @@ def dispatch(x: jax.Array, top_idx: jax.Array, top_w: jax.Array, num_experts: in
     """x [N, D], top_idx and top_w [N, k] -> (sum_i top_w[n, i] * expert top_idx[n, i]'s output for token n [N, D],
     extra). experts(x_sorted [N*k, D] grouped by expert, group_sizes [E]) -> (y_sorted [N*k, D], extra)."""
     N, k = top_idx.shape
-    order, inverse, group_sizes = sort_by_expert(top_idx, num_experts)
+    order, inverse, group_sizes = checkpoint_name(sort_by_expert(top_idx, num_experts), ROUTING)
     y_sorted, extra = experts(gather_to_experts(x, order, inverse, k), group_sizes)
     return combine_from_experts(y_sorted, top_w, order, inverse), extra
 
@@ -202,8 +203,11 @@ class SparseMoE(nnx.Module):
     def route(self, x2: jax.Array, gate: Linear):
         """x2 [N, D] -> (router probabilities [N, E] fp32, top-k weights [N, k] in the compute dtype, top-k
         experts [N, k])."""
-        probs = jax.nn.softmax(gate(x2).astype(jnp.float32), axis=-1)
-        top_w, top_idx = jax.lax.top_k(probs, self.top_k)
+        probs = checkpoint_name(jax.nn.softmax(gate(x2).astype(jnp.float32), axis=-1), ROUTING)
+        # The choice is made without a gradient and the weights gathered by it (top_k's own derivative, so the same
+        # values and gradients): remat then keeps the choice (ROUTING) instead of recomputing top-k for the gather.
+        top_idx = checkpoint_name(jax.lax.top_k(jax.lax.stop_gradient(probs), self.top_k)[1], ROUTING)
+        top_w = jnp.take_along_axis(probs, top_idx, axis=-1)
         if self.norm_topk_prob:
             top_w = top_w / top_w.sum(-1, keepdims=True)
         return probs, top_w.astype(self.dtype), top_idx

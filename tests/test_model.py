@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import jax
+import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
@@ -97,6 +98,24 @@ def test_remat_policies_give_the_same_gradients():
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.max(np.abs(b)))
     for g in grads[1:]:
         jax.tree.map(close, grads[0], g)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_the_moe_routing(remat):
+    """Under remat the backward pass recomputes each layer but not its routing (execution.ROUTING): the step's
+    jaxpr holds the router's top-k and the sort by expert once per MoE layer, in the forward pass only."""
+    cfg = Qwen3NextConfig.from_dict(dict(SMALL, num_hidden_layers=2, full_attention_interval=2,
+                                         mtp_num_hidden_layers=0))
+    ids = jax.random.randint(jax.random.PRNGKey(5), (2, 16), 0, 97)
+    graphdef, state = nnx.split(perturbed_model(cfg, execution=Execution(remat=remat)))
+    jaxpr = jax.make_jaxpr(jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(ids) ** 2)))(state)
+
+    def count(jaxpr, name):
+        return sum((e.primitive.name == name) + sum(count(sub, name) for sub in jax.extend.core.jaxprs_in_params(
+            e.params)) for e in jaxpr.eqns)
+
+    # One scan body of two layers, each with an MoE: two top-k's and two stable sorts (argsort).
+    assert count(jaxpr.jaxpr, "top_k") == 2 and count(jaxpr.jaxpr, "sort") == 2
 
 
 def test_sharded_forward_matches_single_device(model):
