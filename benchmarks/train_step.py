@@ -117,12 +117,13 @@ KERNEL_PARTS = (("gdn_", "gated_deltanet"),           # kernels_pallas/gdn and c
 def attribute(kernels: list[dict]) -> dict:
     """Device ms per part from kernels [{name, hlo_op, op_name, ms}]: the part of the op name where the trace gives
     one (forward, backward or recompute); else the part its kernel name says (KERNEL_PARTS); else, for a cuBLAS
-    GEMM, the part of every named kernel in the same command buffer where they all have one part; else
-    "unattributed: <kernel name>"."""
+    GEMM, the part of the named kernels in the same command buffer where they have one part besides "other" (the
+    residual adds and casts between parts, which hold no GEMM of their own); else "unattributed: <kernel name>"."""
     named = [(k, *part_of(k["op_name"])) for k in kernels if k["op_name"]]
     buffer_parts = collections.defaultdict(set)
     for k, part, _ in named:
-        buffer_parts[k["hlo_op"]].add(part)
+        if part != "other":
+            buffer_parts[k["hlo_op"]].add(part)
     ms = collections.defaultdict(float)
     for k in kernels:
         if k["op_name"]:
