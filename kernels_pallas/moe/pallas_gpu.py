@@ -13,10 +13,13 @@ the weight gradient). The expert MLP is five of them:
               dx = dh W_gu^T            ragged_dot, transposed
               dW_gu = x^T dh            transposed_ragged_dot
 
-The kernels write only rows inside the groups. Rows past sum(group_sizes) are masked to zero in the output and in
-the gradients the weight-gradient products read (dy, dh), as ragged_dot defines them; the input gradient dx is
-left as the kernel wrote it, unspecified there (the family's contract, moe/reference.py): masking it was a pass over
-[M, D] of its own, 0.25 ms a layer at the bench shape, for rows that no caller reads. Their TMA tiles need the row count to be a multiple of 8: other counts are padded with zero rows. The
+The kernels write only rows inside the groups. Rows past sum(group_sizes) are masked to zero in what the
+weight-gradient products read (a and dy, x and dh): transposed_ragged_dot zeroes the rows of a group's last block
+that are not the group's by multiplying its lhs by a 0/1 mask, which leaves NaN in either operand there a NaN in
+the sum. The
+output y and the input gradient dx are left as the kernels wrote them, unspecified there (the family's contract,
+moe/reference.py): masking them cost passes over [M, D] (dx's, 0.25 ms a layer at the bench shape) for rows that
+every caller selects away. Their TMA tiles need the row count to be a multiple of 8: other counts are padded with zero rows. The
 kernels take bf16 (or fp16) operands, accumulate in fp32 and store in the operand dtype. Each of the six products
 has its own block shape, the fastest of a sweep at the bench shape on an H200 (benchmarks/moe.py --tune).
 """
@@ -77,7 +80,7 @@ def _mlp(x, w_gu, w_down, group_sizes, ops):
 def _mlp_fwd(x, w_gu, w_down, group_sizes, ops):
     ragged, _ = ops()
     h = ragged("gate_up", x, w_gu, group_sizes)                                        # [M, 2F]
-    y = _rows_in_groups(ragged("down", _silu_glu(h), w_down, group_sizes), group_sizes)
+    y = ragged("down", _silu_glu(h), w_down, group_sizes)                                # [M, D]
     return y, (x, w_gu, w_down, group_sizes, h)
 
 
@@ -89,7 +92,7 @@ def _mlp_bwd(ops, res, dy):
     g, u = jnp.split(h32, 2, axis=-1)
     sig = jax.nn.sigmoid(g)
     silu = g * sig
-    a = (silu * u).astype(x.dtype)
+    a = _rows_in_groups((silu * u).astype(x.dtype), group_sizes)  # h is unwritten past the groups
     da = ragged("d_down", dy, w_down, group_sizes, transpose_rhs=True).astype(jnp.float32)    # [M, F]
     d_w_down = weight_grad("w_down", a, dy, group_sizes)                                      # [E, F, D]
     dh = jnp.concatenate([da * u * sig * (1 + g * (1 - sig)), da * silu], axis=-1).astype(x.dtype)
