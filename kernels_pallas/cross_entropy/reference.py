@@ -23,6 +23,10 @@ def linear_cross_entropy(hidden, w, targets, weights=None, *, chunk_tokens=None)
     if weights is None:
         return losses(hidden, w)
     ce_weight, z_weight = weights
-    objective = lambda hidden, w: (lambda ce, lse: jnp.sum(ce * ce_weight + lse ** 2 * z_weight))(*losses(hidden, w))
-    d_hidden, d_w = jax.grad(objective, argnums=(0, 1))(hidden, w.astype(jnp.float32))
-    return *losses(hidden, w), (d_hidden, d_w)
+
+    def objective(hidden, w):
+        ce, lse = losses(hidden, w)
+        return jnp.sum(ce * ce_weight + lse ** 2 * z_weight), (ce, lse)
+
+    (_, (ce, lse)), (d_hidden, d_w) = jax.value_and_grad(objective, argnums=(0, 1), has_aux=True)(hidden, w)
+    return ce, lse, (d_hidden, d_w.astype(jnp.float32))

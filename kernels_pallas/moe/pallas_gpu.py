@@ -14,13 +14,12 @@ the weight gradient). The expert MLP is five of them:
               dW_gu = x^T dh            transposed_ragged_dot
 
 The kernels write only rows inside the groups. Rows past sum(group_sizes) are masked to zero in what the
-weight-gradient products read (a and dy, x and dh): transposed_ragged_dot zeroes the rows of a group's last block
-that are not the group's by multiplying its lhs by a 0/1 mask, which leaves NaN in either operand there a NaN in
-the sum. The
-output y and the input gradient dx are left as the kernels wrote them, unspecified there (the family's contract,
-moe/reference.py): masking them cost passes over [M, D] (dx's, 0.25 ms a layer at the bench shape) for rows that
-every caller selects away. Their TMA tiles need the row count to be a multiple of 8: other counts are padded with zero rows. The
-kernels take bf16 (or fp16) operands, accumulate in fp32 and store in the operand dtype. Each of the six products
+weight-gradient products read (a and dy; x is the caller's, dh is masked): transposed_ragged_dot drops the rows of a
+group's last block that are not the group's by multiplying its lhs by a 0/1 mask, so a NaN in either operand there
+would reach the sum. The output y and the input gradient dx are left as the kernels wrote them, unspecified there
+(the family's contract, moe/reference.py): masking them cost passes over [M, D] (dx's, 0.25 ms a layer at the bench
+shape) for rows that every caller selects away. The TMA tiles need the row count to be a multiple of 8: other
+counts are padded with zero rows. The kernels take bf16 (or fp16) operands, accumulate in fp32 and store in the operand dtype. Each of the six products
 has its own block shape, the fastest of a sweep at the bench shape on an H200 (benchmarks/moe.py --tune).
 """
 import functools
